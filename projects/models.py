@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+from django.db import models
+from django.urls import reverse
+
+
+class Project(models.Model):
+    name = models.CharField(max_length=120)
+    slug = models.SlugField(max_length=140, unique=True)
+    description = models.TextField(blank=True)
+    # Share of instruction pairs held out for evaluation; the split itself is a hash of the pair,
+    # so changing this later moves pairs only at the margin, never shuffles them.
+    eval_fraction = models.FloatField(default=0.1)
+    created_at = models.DateTimeField(auto_now_add=True)
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, through="Membership", related_name="projects"
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("projects-detail", args=[self.slug])
+
+    @property
+    def data_dir(self) -> Path:
+        # By id, not slug: the folder never moves and a slug never reaches the file system.
+        return Path(settings.DATA_DIR) / "projects" / str(self.pk)
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        OWNER = "owner", "Owner"
+        MEMBER = "member", "Member"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "user"], name="membership_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.project} ({self.role})"
+
+
+class Document(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Waiting to be read"
+        PARSING = "parsing", "Reading"
+        PARSED = "parsed", "Ready"
+        FAILED = "failed", "Failed"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="documents")
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    # The user's file name, cleaned for display only; files on disk are named by `uid`.
+    original_name = models.CharField(max_length=255)
+    kind = models.CharField(max_length=16, blank=True)
+    size = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    error = models.TextField(blank=True)
+    title = models.CharField(max_length=300, blank=True)
+    page_count = models.PositiveIntegerField(null=True, blank=True)
+    section_count = models.PositiveIntegerField(default=0)
+    char_count = models.PositiveIntegerField(default=0)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    parse_started_at = models.DateTimeField(null=True, blank=True)
+    parsed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "sha256"], name="document_unique_content")
+        ]
+
+    def __str__(self) -> str:
+        return self.original_name
+
+    def get_absolute_url(self) -> str:
+        return reverse("projects-document", args=[self.project.slug, self.pk])
+
+    @property
+    def file_path(self) -> Path:
+        return self.project.data_dir / "docs" / str(self.uid)
+
+    @property
+    def parsed_path(self) -> Path:
+        return self.project.data_dir / "docs" / f"{self.uid}.parsed.json"
+
+    @property
+    def is_settled(self) -> bool:
+        return self.status in (self.Status.PARSED, self.Status.FAILED)
+
+
+class InstructionPair(models.Model):
+    class Split(models.TextChoices):
+        TRAIN = "train", "Train"
+        EVAL = "eval", "Evaluation"
+
+    class Source(models.TextChoices):
+        UPLOADED = "uploaded", "Uploaded"
+        MANUAL = "manual", "Added by hand"
+        GENERATED = "generated", "Generated from documents"
+        DISTILLED = "distilled", "Written by a teacher model"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pairs")
+    instruction = models.TextField()
+    input = models.TextField(blank=True)
+    response = models.TextField()
+    # sha256 of the normalised fields: duplicate detection and the stable train/eval split.
+    key = models.CharField(max_length=64)
+    split = models.CharField(max_length=5, choices=Split.choices)
+    source = models.CharField(max_length=10, choices=Source.choices, default=Source.UPLOADED)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["project", "key"], name="pair_unique_key")]
+
+    def __str__(self) -> str:
+        return self.instruction[:60]

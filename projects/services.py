@@ -1,0 +1,407 @@
+"""Write-side operations on a team's data: projects, members, documents, instruction pairs.
+
+Views, tasks and management commands call these; they call the Django-free parsing code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+from django.utils.text import slugify
+
+from slmstudio.lib.files import atomic_copy_stream, atomic_write_bytes, display_name, extension
+
+from . import pairformats
+from .models import Document, InstructionPair, Membership, Project
+from .parsing import SUPPORTED_EXTENSIONS, ParsedDocument, ParseError, parse_file
+
+log = logging.getLogger(__name__)
+
+
+# --- Projects and members ------------------------------------------------------------------
+
+
+def project_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Project]:
+    return Project.objects.filter(memberships__user=user)
+
+
+def project_get_for_user(*, user: AbstractBaseUser, slug: str) -> Project:
+    """The project if `user` is a member; Project.DoesNotExist otherwise (views turn it into 404)."""
+    return project_list_for_user(user=user).get(slug=slug)
+
+
+def _unique_slug(name: str) -> str:
+    base = slugify(name)[:120] or "project"
+    slug, n = base, 2
+    while Project.objects.filter(slug=slug).exists():
+        slug, n = f"{base}-{n}", n + 1
+    return slug
+
+
+@transaction.atomic
+def project_create(*, name: str, owner: AbstractBaseUser, description: str = "") -> Project:
+    name = name.strip()
+    if not name:
+        raise ValidationError("A project needs a name.")
+    project = Project.objects.create(name=name, slug=_unique_slug(name), description=description)
+    Membership.objects.create(project=project, user=owner, role=Membership.Role.OWNER)
+    return project
+
+
+def membership_role(*, project: Project, user: AbstractBaseUser) -> str | None:
+    return (
+        Membership.objects.filter(project=project, user=user).values_list("role", flat=True).first()
+    )
+
+
+def _require_owner(project: Project, actor: AbstractBaseUser) -> None:
+    if membership_role(project=project, user=actor) != Membership.Role.OWNER:
+        raise PermissionDenied("Only a project owner can manage members.")
+
+
+def membership_invite(
+    *, project: Project, actor: AbstractBaseUser, username: str, role: str = Membership.Role.MEMBER
+) -> Membership:
+    _require_owner(project, actor)
+    User = get_user_model()
+    try:
+        user = User.objects.get(username=username.strip())
+    except User.DoesNotExist:
+        raise ValidationError(
+            f"There is no user called “{username.strip()}”. They need to sign up first."
+        ) from None
+    if role not in Membership.Role.values:
+        raise ValidationError("Unknown role.")
+    try:
+        with transaction.atomic():
+            return Membership.objects.create(project=project, user=user, role=role)
+    except IntegrityError:
+        raise ValidationError(f"{user.get_username()} is already a member.") from None
+
+
+def membership_remove(*, project: Project, actor: AbstractBaseUser, membership: Membership) -> None:
+    _require_owner(project, actor)
+    if (
+        membership.role == Membership.Role.OWNER
+        and project.memberships.filter(role=Membership.Role.OWNER).count() == 1
+    ):
+        raise ValidationError("A project needs at least one owner.")
+    membership.delete()
+
+
+# --- Documents -----------------------------------------------------------------------------
+
+
+class UploadRefused(Exception):
+    """A file refused before anything was stored; the message is for the user."""
+
+
+@dataclass
+class DocumentAdded:
+    document: Document
+    duplicate: bool
+
+
+def document_add(
+    *,
+    project: Project,
+    stream: BinaryIO,
+    name: str,
+    size: int | None,
+    user: AbstractBaseUser | None = None,
+) -> DocumentAdded:
+    """Store an uploaded file under a generated name, de-duplicated by content.
+
+    Returns the existing document (duplicate=True) when the project already holds the same bytes.
+    """
+    shown = display_name(name)
+    if size is not None and size > settings.MAX_UPLOAD_BYTES:
+        raise UploadRefused(_too_big_message(shown))
+    if extension(shown) not in SUPPORTED_EXTENSIONS:
+        raise UploadRefused(
+            f"{shown}: this type of file is not supported. "
+            "Upload PDF, Word (.docx), HTML, Markdown, plain text or CSV."
+        )
+    document = Document(project=project, original_name=shown, uploaded_by=user)
+    docs_dir = project.data_dir / "docs"
+    incoming = docs_dir / f".incoming-{document.uid}"
+    sha, stored_size = atomic_copy_stream(stream, incoming)
+    if stored_size > settings.MAX_UPLOAD_BYTES:
+        incoming.unlink(missing_ok=True)
+        raise UploadRefused(_too_big_message(shown))
+    existing = project.documents.filter(sha256=sha).first()
+    if existing:
+        incoming.unlink(missing_ok=True)
+        return DocumentAdded(existing, duplicate=True)
+    document.sha256, document.size = sha, stored_size
+    try:
+        with transaction.atomic():
+            document.save()
+    except IntegrityError:
+        # Another upload of the same bytes won the race between our check and our insert.
+        incoming.unlink(missing_ok=True)
+        return DocumentAdded(project.documents.get(sha256=sha), duplicate=True)
+    os.replace(incoming, document.file_path)
+    return DocumentAdded(document, duplicate=False)
+
+
+def _too_big_message(shown: str) -> str:
+    limit_mb = settings.MAX_UPLOAD_BYTES // (1024 * 1024)
+    return f"{shown} is larger than the {limit_mb} MB limit per file. Split it or compress images, then upload it again."
+
+
+def document_schedule_parse(*, document: Document) -> None:
+    """Parse small files now, so the user sees the result at once; hand larger ones to a worker."""
+    if document.size <= settings.PARSE_INLINE_MAX_BYTES:
+        document_parse(document_id=document.pk)
+        document.refresh_from_db()
+    else:
+        from .tasks import parse_document_task
+
+        parse_document_task.delay_on_commit(document.pk)
+
+
+def document_parse(*, document_id: int, force: bool = False) -> Document | None:
+    """Parse one document and record the result. Returns None when someone else has it.
+
+    The row is claimed with a conditional UPDATE so a task delivered twice parses once.
+    """
+    claimable = [Document.Status.PENDING] + ([Document.Status.FAILED] if force else [])
+    claimed = Document.objects.filter(pk=document_id, status__in=claimable).update(
+        status=Document.Status.PARSING, parse_started_at=timezone.now(), error=""
+    )
+    if not claimed:
+        return None
+    document = Document.objects.select_related("project").get(pk=document_id)
+    try:
+        parsed = parse_file(document.file_path, document.original_name)
+    except ParseError as exc:
+        return _document_failed(document, str(exc))
+    except MemoryError:
+        return _document_failed(document, "The file is too large to read on this server.")
+    except Exception:
+        log.exception("unexpected parser failure for document %s", document.pk)
+        return _document_failed(
+            document,
+            "The file could not be read: it may be damaged. Try saving it again from the program "
+            "that made it, or export it as PDF.",
+        )
+    atomic_write_bytes(document.parsed_path, json.dumps(parsed.to_dict()).encode())
+    document.status = Document.Status.PARSED
+    document.kind = parsed.kind
+    document.title = parsed.title[:300]
+    document.page_count = parsed.page_count
+    document.section_count = len(parsed.sections)
+    document.char_count = parsed.char_count
+    document.parsed_at = timezone.now()
+    document.save(
+        update_fields=[
+            "status", "kind", "title", "page_count", "section_count", "char_count", "parsed_at",
+        ]
+    )  # fmt: skip
+    return document
+
+
+def _document_failed(document: Document, message: str) -> Document:
+    document.status = Document.Status.FAILED
+    document.error = message
+    document.parsed_at = timezone.now()
+    document.save(update_fields=["status", "error", "parsed_at"])
+    return document
+
+
+def document_parsed(*, document: Document) -> ParsedDocument | None:
+    try:
+        return ParsedDocument.from_dict(json.loads(document.parsed_path.read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def document_delete(*, document: Document) -> None:
+    document.delete()
+    # After the row: a crash between the two leaves orphan files, never a row without its file.
+    for path in (document.file_path, document.parsed_path):
+        path.unlink(missing_ok=True)
+
+
+def documents_requeue_stale(*, stale_after: timedelta) -> list[int]:
+    """Re-queue documents whose parse was lost (a killed worker, a message the broker dropped)."""
+    from .tasks import parse_document_task
+
+    cutoff = timezone.now() - stale_after
+    Document.objects.filter(
+        status=Document.Status.PARSING, parse_started_at__lt=cutoff
+    ).update(status=Document.Status.PENDING)
+    ids = list(
+        Document.objects.filter(status=Document.Status.PENDING, created_at__lt=cutoff).values_list(
+            "pk", flat=True
+        )
+    )
+    for pk in ids:
+        parse_document_task.delay(pk)
+    return ids
+
+
+@dataclass
+class IngestResult:
+    added: int = 0
+    duplicates: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+
+def documents_ingest_paths(
+    *, project: Project, paths: list[Path], user: AbstractBaseUser | None = None
+) -> IngestResult:
+    """Add files and folders (recursively) to a project and parse them: the `ingest` command."""
+    result = IngestResult()
+    for path in _expand_paths(paths):
+        try:
+            with path.open("rb") as fh:
+                added = document_add(
+                    project=project, stream=fh, name=path.name, size=path.stat().st_size, user=user
+                )
+        except (UploadRefused, OSError) as exc:
+            result.failed.append({"path": str(path), "error": _error_text(exc)})
+            continue
+        if added.duplicate:
+            result.duplicates += 1
+            continue
+        document = document_parse(document_id=added.document.pk) or added.document
+        if document.status == Document.Status.PARSED:
+            result.added += 1
+        else:
+            result.failed.append({"path": str(path), "error": document.error})
+    return result
+
+
+def _expand_paths(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                )
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def _error_text(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "No such file."
+    if isinstance(exc, PermissionError):
+        return "Permission denied."
+    return str(exc)
+
+
+# --- Instruction pairs ---------------------------------------------------------------------
+
+
+@dataclass
+class PairsImported:
+    added: int
+    rejected: list[pairformats.RowError]
+    train: int
+    eval: int
+    file_error: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "added": self.added,
+            "rejected": [{"line": r.line, "error": r.error} for r in self.rejected],
+            "train": self.train,
+            "eval": self.eval,
+        }
+
+
+def pairs_import(*, project: Project, data: bytes, filename: str) -> PairsImported:
+    """Validate a JSONL/CSV file line by line and add only the valid rows, all in one transaction."""
+    existing = set(project.pairs.values_list("key", flat=True))
+    report = pairformats.read_pairs(data, filename, existing_keys=existing)
+    if report.file_error:
+        return PairsImported(0, [], 0, 0, file_error=report.file_error)
+    rows = [
+        InstructionPair(
+            project=project,
+            instruction=p.instruction,
+            input=p.input,
+            response=p.response,
+            key=p.key(),
+            split=pairformats.split_for(p.key(), project.eval_fraction),
+            source=InstructionPair.Source.UPLOADED,
+        )
+        for p in report.pairs
+    ]
+    with transaction.atomic():
+        InstructionPair.objects.bulk_create(rows)
+    train = sum(r.split == InstructionPair.Split.TRAIN for r in rows)
+    return PairsImported(len(rows), report.rejected, train, len(rows) - train)
+
+
+def _validated_fields(instruction: str, input: str, response: str) -> tuple[str, str, str]:
+    instruction, input, response = instruction.strip(), input.strip(), response.strip()
+    errors = {}
+    if not instruction:
+        errors["instruction"] = "The instruction is empty."
+    if not response:
+        errors["response"] = "The response is empty."
+    if errors:
+        raise ValidationError(errors)
+    return instruction, input, response
+
+
+def pair_create(
+    *,
+    project: Project,
+    instruction: str,
+    input: str,
+    response: str,
+    source: str = InstructionPair.Source.MANUAL,
+) -> InstructionPair:
+    instruction, input, response = _validated_fields(instruction, input, response)
+    key = pairformats.pair_key(instruction, input, response)
+    if project.pairs.filter(key=key).exists():
+        raise ValidationError("This pair is already in the project.")
+    return InstructionPair.objects.create(
+        project=project,
+        instruction=instruction,
+        input=input,
+        response=response,
+        key=key,
+        split=pairformats.split_for(key, project.eval_fraction),
+        source=source,
+    )
+
+
+def pair_update(*, pair: InstructionPair, instruction: str, input: str, response: str) -> InstructionPair:
+    """Edit a pair's text. Its split stays as it was: an edit must not move an eval pair into training."""
+    instruction, input, response = _validated_fields(instruction, input, response)
+    key = pairformats.pair_key(instruction, input, response)
+    if pair.project.pairs.filter(key=key).exclude(pk=pair.pk).exists():
+        raise ValidationError("Another pair in the project has exactly this text.")
+    pair.instruction, pair.input, pair.response, pair.key = instruction, input, response, key
+    pair.save(update_fields=["instruction", "input", "response", "key", "updated_at"])
+    return pair
+
+
+def pairs_export_jsonl(*, project: Project) -> str:
+    return pairformats.pairs_to_jsonl(
+        project.pairs.values("instruction", "input", "response", "split", "source")
+    )

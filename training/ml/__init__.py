@@ -1,0 +1,1 @@
+"""Django-free ML code: nothing here imports Django or the apps."""

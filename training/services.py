@@ -1,0 +1,276 @@
+"""Build lifecycle: start, claim, run, cancel, and recovery of builds whose worker was lost."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from datetime import timedelta
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import close_old_connections, connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from projects.models import Project
+
+from .models import Build, BuildLog, BuildStep
+from .steps import DEFAULT_RECIPE, STEP_RUNNERS, BuildCancelled, StepContext, StepError
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@transaction.atomic
+def build_start(
+    *, project: Project, user: AbstractBaseUser | None, recipe: list[dict] | None = None
+) -> Build:
+    recipe = recipe or DEFAULT_RECIPE
+    unknown = [s["name"] for s in recipe if s["name"] not in STEP_RUNNERS]
+    if unknown:
+        raise ValidationError(f"Unknown build step: {', '.join(unknown)}.")
+    build = Build.objects.create(project=project, created_by=user)
+    BuildStep.objects.bulk_create(
+        BuildStep(build=build, index=i, name=s["name"], params=s.get("params", {}))
+        for i, s in enumerate(recipe)
+    )
+    BuildLog.objects.create(build=build, message="Build queued.")
+    from .tasks import run_build_task
+
+    run_build_task.delay_on_commit(build.pk)
+    return build
+
+
+def build_cancel(*, build: Build) -> Build:
+    """Ask a build to stop. Queued builds stop at once; running ones at their next check."""
+    now = timezone.now()
+    if Build.objects.filter(pk=build.pk, status=Build.Status.QUEUED).update(
+        status=Build.Status.CANCELLED, cancel_requested_at=now, ended_at=now
+    ):
+        BuildLog.objects.create(build=build, message="Cancelled before it started.")
+    elif Build.objects.filter(pk=build.pk, status=Build.Status.RUNNING).update(
+        status=Build.Status.CANCELLING, cancel_requested_at=now
+    ):
+        BuildLog.objects.create(build=build, message="Cancel requested; stopping at the next safe point.")
+    build.refresh_from_db()
+    return build
+
+
+def build_claim(*, build_id: int, worker: str) -> bool:
+    """Move a queued build to running for this worker. False when it is not ours to run.
+
+    One conditional UPDATE: of two deliveries of the same message, exactly one gets the row.
+    """
+    from django.db.models import F
+
+    now = timezone.now()
+    return bool(
+        Build.objects.filter(pk=build_id, status=Build.Status.QUEUED).update(
+            status=Build.Status.RUNNING,
+            claimed_by=worker,
+            attempts=F("attempts") + 1,
+            started_at=now,
+            heartbeat_at=now,
+        )
+    )
+
+
+def build_run(*, build_id: int) -> None:
+    """Claim and run a build's steps in order; steps already done (before a lost worker) are kept."""
+    me = worker_id()
+    if not build_claim(build_id=build_id, worker=me):
+        log.info("build %s not claimable (already taken or finished); skipping", build_id)
+        return
+    build = Build.objects.select_related("project").get(pk=build_id)
+    if build.attempts > 1:
+        BuildLog.objects.create(build=build, message=f"Resuming (attempt {build.attempts}).")
+    else:
+        BuildLog.objects.create(build=build, message="Build started.")
+    step: BuildStep | None = None
+    with _Heartbeat(build.pk, me):
+        try:
+            for step in build.steps.exclude(status=BuildStep.Status.SUCCEEDED):
+                ctx = StepContext(build=build, step=step)
+                ctx.check_cancel(force=True)
+                _step_started(step)
+                metrics = STEP_RUNNERS[step.name](ctx)
+                _step_finished(step, BuildStep.Status.SUCCEEDED, metrics)
+            _build_finished(build, me, Build.Status.SUCCEEDED)
+        except BuildCancelled:
+            _step_finished(step, BuildStep.Status.CANCELLED)
+            _build_finished(build, me, Build.Status.CANCELLED, note="Build cancelled.")
+        except StepError as exc:
+            _step_finished(step, BuildStep.Status.FAILED)
+            _build_finished(build, me, Build.Status.FAILED, error=str(exc))
+        except SoftTimeLimitExceeded:
+            _step_finished(step, BuildStep.Status.FAILED)
+            _build_finished(
+                build, me, Build.Status.FAILED,
+                error="The build ran past its time limit. Try a smaller recipe or raise TASK_SOFT_TIME_LIMIT.",
+            )  # fmt: skip
+        except Exception as exc:
+            log.exception("build %s failed in step %s", build_id, step)
+            _step_finished(step, BuildStep.Status.FAILED)
+            label = step.name if step else "start-up"
+            _build_finished(
+                build, me, Build.Status.FAILED,
+                error=f"Step “{label}” stopped with an unexpected error: {exc.__class__.__name__}: {exc}",
+            )  # fmt: skip
+
+
+def _step_started(step: BuildStep) -> None:
+    step.status, step.started_at, step.ended_at = BuildStep.Status.RUNNING, timezone.now(), None
+    step.save(update_fields=["status", "started_at", "ended_at"])
+
+
+def _step_finished(step: BuildStep | None, status: str, metrics: dict | None = None) -> None:
+    if step is None or step.status != BuildStep.Status.RUNNING:
+        return
+    step.status, step.ended_at = status, timezone.now()
+    fields = ["status", "ended_at"]
+    if metrics is not None:
+        step.metrics = metrics
+        fields.append("metrics")
+    step.save(update_fields=fields)
+
+
+def _build_finished(
+    build: Build, worker: str, status: str, *, error: str = "", note: str = ""
+) -> None:
+    # Guarded by claimed_by: if this worker was presumed dead and the build handed to another,
+    # the other worker's outcome stands.
+    updated = Build.objects.filter(
+        pk=build.pk, claimed_by=worker, status__in=Build.ACTIVE
+    ).update(status=status, error=error, ended_at=timezone.now())
+    if updated:
+        message = note or error or {Build.Status.SUCCEEDED: "Build finished."}.get(status, "")
+        BuildLog.objects.create(
+            build=build, level="error" if error else "info", message=message
+        )
+
+
+def build_fail(*, build_id: int, message: str) -> None:
+    """Mark a build failed from outside its run (a task that crashed before it could)."""
+    now = timezone.now()
+    if Build.objects.filter(pk=build_id).exclude(status__in=Build.TERMINAL).update(
+        status=Build.Status.FAILED, error=message, ended_at=now
+    ):
+        BuildStep.objects.filter(build_id=build_id, status=BuildStep.Status.RUNNING).update(
+            status=BuildStep.Status.FAILED, ended_at=now
+        )
+        BuildLog.objects.create(build_id=build_id, level="error", message=message)
+
+
+# --- Heartbeat and recovery ----------------------------------------------------------------
+
+
+class _Heartbeat:
+    """Touch the build's heartbeat from a background thread while a step runs.
+
+    Steps report progress, but some work (loading a model, one long matrix product) blocks for
+    a while without reporting; the thread keeps such a build from looking abandoned.
+    """
+
+    def __init__(self, build_id: int, worker: str) -> None:
+        self.build_id, self.worker = build_id, worker
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{build_id}")
+
+    def __enter__(self) -> _Heartbeat:
+        if settings.BUILD_HEARTBEAT_THREAD:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        try:
+            while not self._stop.wait(settings.BUILD_HEARTBEAT_SECONDS):
+                Build.objects.filter(pk=self.build_id, claimed_by=self.worker).update(
+                    heartbeat_at=timezone.now()
+                )
+        except Exception:  # the run itself must never die because a heartbeat failed
+            log.exception("heartbeat for build %s failed", self.build_id)
+        finally:
+            connection.close()
+
+
+def _worker_is_dead(claimed_by: str) -> bool:
+    """True when `claimed_by` names a process on this host that no longer exists."""
+    host, _, pid = claimed_by.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def builds_recover_stale() -> list[int]:
+    """Find running builds whose worker is gone and re-queue them (or give up after N attempts).
+
+    Called when a worker starts and periodically while it runs. A build is stale when its
+    heartbeat is older than BUILD_STALE_SECONDS, or at once when the process that claimed it
+    on this host has died (a worker restarted after `kill -9` need not wait for the timeout).
+    """
+    close_old_connections()
+    cutoff = timezone.now() - timedelta(seconds=settings.BUILD_STALE_SECONDS)
+    requeued: list[int] = []
+    for build in Build.objects.filter(status__in=Build.ACTIVE).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True) | Q(claimed_by__startswith=f"{socket.gethostname()}:")
+    ):
+        if build.heartbeat_at and build.heartbeat_at >= cutoff and not _worker_is_dead(build.claimed_by):
+            continue
+        if _build_requeue(build):
+            requeued.append(build.pk)
+    return requeued
+
+
+def _build_requeue(build: Build) -> bool:
+    from .tasks import run_build_task
+
+    # Guard on the state we saw, so two sweeping workers cannot both act on one build.
+    same = Build.objects.filter(
+        pk=build.pk, status=build.status, claimed_by=build.claimed_by, heartbeat_at=build.heartbeat_at
+    )
+    now = timezone.now()
+    if build.status == Build.Status.CANCELLING:
+        if same.update(status=Build.Status.CANCELLED, ended_at=now):
+            _abandon_running_steps(build, BuildStep.Status.CANCELLED)
+            BuildLog.objects.create(build=build, message="Build cancelled (its worker had stopped).")
+        return False
+    if build.attempts >= settings.BUILD_MAX_ATTEMPTS:
+        message = (
+            f"The build stopped {build.attempts} times without finishing because its worker was lost "
+            "(for example killed for using too much memory). Try a smaller recipe, or check the "
+            "worker's log."
+        )
+        if same.update(status=Build.Status.FAILED, error=message, ended_at=now):
+            _abandon_running_steps(build, BuildStep.Status.FAILED)
+            BuildLog.objects.create(build=build, level="error", message=message)
+        return False
+    if not same.update(status=Build.Status.QUEUED, claimed_by=""):
+        return False
+    _abandon_running_steps(build, BuildStep.Status.PENDING)
+    BuildLog.objects.create(
+        build=build, level="warning", message="The worker running this build stopped; re-queued to resume."
+    )
+    transaction.on_commit(lambda: run_build_task.delay(build.pk))
+    return True
+
+
+def _abandon_running_steps(build: Build, status: str) -> None:
+    BuildStep.objects.filter(build=build, status=BuildStep.Status.RUNNING).update(status=status)

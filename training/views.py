@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import HTMX_STOP_POLLING
+
+from projects.models import Project
+from projects.services import membership_role, project_get_for_user
+from slmstudio.http import AuthenticatedRequest
+
+from . import services
+from .models import Build
+from .steps import STEP_LABELS
+
+
+def _get_project_for_user(request: AuthenticatedRequest, slug: str) -> Project:
+    try:
+        return project_get_for_user(user=request.user, slug=slug)
+    except Project.DoesNotExist:
+        raise Http404("No such project") from None
+
+
+@login_required
+@require_GET
+def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    project = _get_project_for_user(request, slug)
+    context = {
+        "project": project,
+        "tab": "builds",
+        "role": membership_role(project=project, user=request.user),
+        "builds": project.builds.select_related("created_by")[:100],
+    }
+    return render(request, "training/builds.html", context)
+
+
+@login_required
+@require_POST
+def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    project = _get_project_for_user(request, slug)
+    try:
+        build = services.build_start(project=project, user=request.user)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("training-builds", slug=project.slug)
+    return redirect(build)
+
+
+@login_required
+@require_GET
+def build_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
+    """The build page. While it runs, htmx polls this same view for its `build-status` partial."""
+    project = _get_project_for_user(request, slug)
+    build = get_object_or_404(Build, pk=pk, project=project)
+    context = {
+        "project": project,
+        "tab": "builds",
+        "role": membership_role(project=project, user=request.user),
+        "build": build,
+        "steps": [(step, STEP_LABELS.get(step.name, step.name)) for step in build.steps.all()],
+        "logs": list(build.logs.order_by("-id")[:200])[::-1],
+    }
+    if request.htmx:
+        status = HTMX_STOP_POLLING if build.is_terminal else 200
+        return render(request, "training/build_detail.html#build-status", context, status=status)
+    return render(request, "training/build_detail.html", context)
+
+
+@login_required
+@require_POST
+def build_cancel(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
+    project = _get_project_for_user(request, slug)
+    build = get_object_or_404(Build, pk=pk, project=project)
+    services.build_cancel(build=build)
+    return redirect(build)
