@@ -18,6 +18,7 @@ import math
 import posixpath
 import re
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -50,7 +51,8 @@ __all__ = [
 
 @dataclass
 class Section:
-    heading: str | None  # None for text before the first heading, and for a section's continuation on a new PDF page
+    # None for text before the first heading, and for a section's continuation on a new PDF page.
+    heading: str | None
     level: int  # heading level 1..6, 0 when there is no heading
     path: list[str]  # heading path from the top, e.g. ["Install", "On Debian"]
     text: str  # body text, paragraphs separated by blank lines
@@ -117,6 +119,9 @@ class ParseLimits:
     max_zip_members: int = 2000
     max_pdf_pages: int = 2000
     max_chars: int = 20_000_000
+
+
+_DEFAULT_LIMITS = ParseLimits()  # a module constant, not a call in the signature (ruff B008)
 
 
 _KIND_BY_EXTENSION: dict[str, str] = {
@@ -227,7 +232,7 @@ def detect_kind(head: bytes, filename: str) -> str:
     return kind
 
 
-def parse_file(path: Path, filename: str, *, limits: ParseLimits = ParseLimits()) -> ParsedDocument:
+def parse_file(path: Path, filename: str, *, limits: ParseLimits = _DEFAULT_LIMITS) -> ParsedDocument:
     """filename is the user's original name (only its extension and stem are used, never as a path)."""
     stem, _ = _split_filename(filename)
     size = path.stat().st_size
@@ -247,7 +252,9 @@ def parse_file(path: Path, filename: str, *, limits: ParseLimits = ParseLimits()
             "(or export it to a new file) and upload the new copy."
         ) from exc
     if not document.sections:
-        raise ParseError(f"This {_LABELS[kind]} contains no text we can use. Check that you uploaded the right file.")
+        raise ParseError(
+            f"This {_LABELS[kind]} contains no text we can use. Check that you uploaded the right file."
+        )
     if document.char_count > limits.max_chars:
         raise ParseError(_too_much_text(limits))
     return document
@@ -270,10 +277,13 @@ def _kind_for_extension(extension: str) -> str:
         return _KIND_BY_EXTENSION[extension]
     if extension == ".doc":
         raise ParseError(
-            "Old Word files (.doc) are not supported. Open the file in Word, save it as .docx and upload it again."
+            "Old Word files (.doc) are not supported. Open the file in Word, save it as .docx "
+            "and upload it again."
         )
     if not extension:
-        raise ParseError(f"This file has no extension, so we cannot tell its type. Please upload {_SUPPORTED_HINT}.")
+        raise ParseError(
+            f"This file has no extension, so we cannot tell its type. Please upload {_SUPPORTED_HINT}."
+        )
     raise ParseError(f"Files of type “{extension}” are not supported. Please upload {_SUPPORTED_HINT}.")
 
 
@@ -287,10 +297,13 @@ def _describe_magic(head: bytes) -> str | None:
 def _not_format(expected: str, head: bytes, short: str) -> str:
     description = _describe_magic(head)
     if description:
-        return f"This file is not {expected}: it looks like {description}. Please upload the original {short} file."
+        return (
+            f"This file is not {expected}: it looks like {description}. "
+            f"Please upload the original {short} file."
+        )
     return (
-        f"This file is not {expected}: its content does not match its extension. It may be damaged or renamed; "
-        f"please upload the original {short} file."
+        f"This file is not {expected}: its content does not match its extension. "
+        f"It may be damaged or renamed; please upload the original {short} file."
     )
 
 
@@ -472,7 +485,8 @@ def _parse_pdf(path: Path, stem: str, limits: ParseLimits) -> ParsedDocument:
             "not supported yet: please upload a PDF with selectable text, or the original Word or text file."
         )
     sections = _pdf_sections(pages)
-    return ParsedDocument("pdf", _choose_title(sections, stem, _pdf_metadata_title(reader)), sections, page_count)
+    title = _choose_title(sections, stem, _pdf_metadata_title(reader))
+    return ParsedDocument("pdf", title, sections, page_count)
 
 
 def _open_pdf(path: Path) -> PdfReader:
@@ -481,8 +495,8 @@ def _open_pdf(path: Path) -> PdfReader:
         locked = reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED
     except DependencyError as exc:
         raise ParseError(
-            "This PDF is encrypted with a method we cannot open. Remove its protection (for example, print it "
-            "to a new PDF) and upload it again."
+            "This PDF is encrypted with a method we cannot open. Remove its protection "
+            "(for example, print it to a new PDF) and upload it again."
         ) from exc
     except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
         raise ParseError(
@@ -587,7 +601,7 @@ def _pdf_sections(pages: list[list[_PdfLine]]) -> list[Section]:
 
 
 def _pdf_heading_levels(pages: list[list[_PdfLine]]) -> dict[float, int]:
-    """Map font sizes to heading levels: the most used size is body text, clearly larger sizes are headings."""
+    """Map font sizes to heading levels: the most used size is body text, clearly larger ones headings."""
     weights: Counter[float] = Counter()
     for lines in pages:
         for line in lines:
@@ -633,6 +647,15 @@ def _group_pdf_lines(lines: list[_PdfLine], levels: dict[float, int]) -> Iterato
 
 _ZIP_RATIO_MIN_BYTES = 1024 * 1024  # small members compress extremely well legitimately (empty XML parts)
 _HEADING_STYLE = re.compile(r"heading ([1-9])", re.IGNORECASE)
+# What zipfile raises on broken or exotic archives (encrypted members, unknown compression, bad streams).
+_BAD_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+    EOFError,
+)
 
 
 def _parse_docx(path: Path, stem: str, limits: ParseLimits) -> ParsedDocument:
@@ -647,13 +670,14 @@ def _parse_docx(path: Path, stem: str, limits: ParseLimits) -> ParsedDocument:
         else:
             builder.block(_clean(item.text))
     sections = builder.finish()
-    return ParsedDocument("docx", _choose_title(sections, stem, document.core_properties.title), sections, None)
+    title = _choose_title(sections, stem, document.core_properties.title)
+    return ParsedDocument("docx", title, sections, None)
 
 
 def _malformed_docx(reason: str) -> ParseError:
     return ParseError(
-        f"This Word file looks malformed or malicious ({reason}). It was not opened. If it is a genuine document, "
-        "open it in Word, save it again as .docx and upload the new copy."
+        f"This Word file looks malformed or malicious ({reason}). It was not opened. "
+        "If it is a genuine document, open it in Word, save it again as .docx and upload the new copy."
     )
 
 
@@ -666,25 +690,30 @@ def _inspect_docx_package(path: Path, limits: ParseLimits) -> None:
             for member in members:
                 if member.filename.endswith((".xml", ".rels")):
                     _check_xml_prolog(archive, member)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError) as exc:
+    except _BAD_ZIP_ERRORS as exc:
         raise _malformed_docx("it is not a valid Word package") from exc
 
 
 def _check_docx_members(members: list[zipfile.ZipInfo], limits: ParseLimits) -> None:
     if len(members) > limits.max_zip_members:
-        raise _malformed_docx(f"it has {len(members):,} parts, more than the {limits.max_zip_members:,} allowed")
+        raise _malformed_docx(
+            f"it has {len(members):,} parts, more than the {limits.max_zip_members:,} allowed"
+        )
     if sum(member.file_size for member in members) > limits.max_unpacked_bytes:
-        raise _malformed_docx(f"it would unpack to more than {limits.max_unpacked_bytes // (1024 * 1024):,} MB")
+        megabytes = limits.max_unpacked_bytes // (1024 * 1024)
+        raise _malformed_docx(f"it would unpack to more than {megabytes:,} MB")
     for member in members:
         if (
             member.file_size > _ZIP_RATIO_MIN_BYTES
             and member.file_size > limits.max_compression_ratio * max(member.compress_size, 1)
         ):
-            raise _malformed_docx("one of its parts is compressed far more than real documents are, like a zip bomb")
+            raise _malformed_docx(
+                "one of its parts is compressed far more than real documents are, like a zip bomb"
+            )
     if "word/document.xml" not in {member.filename for member in members}:
         raise ParseError(
-            "This file is not a Word document: it has no document body. If it is an Excel or PowerPoint file, "
-            "save its content as .docx, PDF or text and upload that instead."
+            "This file is not a Word document: it has no document body. If it is an Excel or "
+            "PowerPoint file, save its content as .docx, PDF or text and upload that instead."
         )
 
 
@@ -696,7 +725,9 @@ def _check_xml_prolog(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None
             for _ in SafeElementTree.iterparse(stream, events=("start",), forbid_dtd=True):
                 return
         except DefusedXmlException as exc:
-            raise _malformed_docx("it contains XML entity or DTD declarations, which Word never writes") from exc
+            raise _malformed_docx(
+                "it contains XML entity or DTD declarations, which Word never writes"
+            ) from exc
         except XmlSyntaxError as exc:
             raise _malformed_docx("it contains broken XML") from exc
 
@@ -728,14 +759,13 @@ def _docx_table_text(table: Table) -> str:
 # HTML
 # --------------------------------------------------------------------------------------------
 
-_HTML_DROP = ("script", "style", "noscript", "template", "nav", "footer", "header", "aside", "form", "iframe", "svg")
+_HTML_DROP = tuple("script style noscript template nav footer header aside form iframe svg".split())
 _HTML_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
+# Elements that end the running paragraph before and after them.
 _HTML_BLOCKS = frozenset(
-    {
-        "address", "article", "blockquote", "body", "caption", "dd", "details", "div", "dl", "dt", "fieldset",
-        "figcaption", "figure", "hr", "li", "main", "ol", "p", "section", "summary", "ul",
-    }
-)  # fmt: skip
+    "address article blockquote body caption dd details div dl dt fieldset figcaption figure hr li main "
+    "ol p section summary ul".split()
+)
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 
 
@@ -892,8 +922,8 @@ def _parse_csv(path: Path, stem: str, limits: ParseLimits) -> ParsedDocument:
         lines = list(_csv_lines(text))
     except csv.Error as exc:
         raise ParseError(
-            "This CSV file is malformed. Check that it opens correctly in a spreadsheet, save it again as CSV "
-            "and upload the new copy."
+            "This CSV file is malformed. Check that it opens correctly in a spreadsheet, "
+            "save it again as CSV and upload the new copy."
         ) from exc
     if not lines:
         raise ParseError("This CSV file has no data rows under its header row.")

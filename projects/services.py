@@ -129,7 +129,7 @@ def document_add(
     """
     shown = display_name(name)
     if size is not None and size > settings.MAX_UPLOAD_BYTES:
-        raise UploadRefused(_too_big_message(shown))
+        raise UploadRefused(too_big_message(shown))
     if extension(shown) not in SUPPORTED_EXTENSIONS:
         raise UploadRefused(
             f"{shown}: this type of file is not supported. "
@@ -141,7 +141,7 @@ def document_add(
     sha, stored_size = atomic_copy_stream(stream, incoming)
     if stored_size > settings.MAX_UPLOAD_BYTES:
         incoming.unlink(missing_ok=True)
-        raise UploadRefused(_too_big_message(shown))
+        raise UploadRefused(too_big_message(shown))
     existing = project.documents.filter(sha256=sha).first()
     if existing:
         incoming.unlink(missing_ok=True)
@@ -158,7 +158,8 @@ def document_add(
     return DocumentAdded(document, duplicate=False)
 
 
-def _too_big_message(shown: str) -> str:
+def too_big_message(name: str) -> str:
+    shown = display_name(name)
     limit_mb = settings.MAX_UPLOAD_BYTES // (1024 * 1024)
     return f"{shown} is larger than the {limit_mb} MB limit per file. Split it or compress images, then upload it again."
 

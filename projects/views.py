@@ -130,10 +130,11 @@ def documents_upload(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     """Store and parse uploaded files. Scripted uploads (one file per request) get the table rows
     back to insert; a plain form post is redirected to the list with messages."""
     project = _get_project_for_user(request, slug)
+    uploads = request.FILES.getlist("files")  # parses the body, running MaxSizeUploadHandler
     results: list[tuple[Document | None, str, str]] = []  # (document, name, problem)
     for name in getattr(request, "oversized_uploads", []):
-        results.append((None, name, services._too_big_message(name)))
-    for upload in request.FILES.getlist("files"):
+        results.append((None, name, services.too_big_message(name)))
+    for upload in uploads:
         try:
             added = services.document_add(
                 project=project, stream=upload, name=upload.name, size=upload.size, user=request.user
@@ -252,7 +253,7 @@ def pairs_import(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     project = _get_project_for_user(request, slug)
     form = PairImportForm(request.POST, request.FILES)
     if getattr(request, "oversized_uploads", None):
-        form.add_error("file", services._too_big_message(request.oversized_uploads[0]))
+        form.add_error("file", services.too_big_message(request.oversized_uploads[0]))
     if not form.is_valid():
         return _pairs_page(request, project, import_form=form, status=400)
     upload = form.cleaned_data["file"]

@@ -159,7 +159,8 @@ BILLION_LAUGHS = b"""<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
 
 
 def make_billion_laughs_docx(directory: Path) -> Path:
-    return _rewrite_docx(make_docx(directory), directory / "laughs.docx", {"word/document.xml": BILLION_LAUGHS})
+    source = make_docx(directory)
+    return _rewrite_docx(source, directory / "laughs.docx", {"word/document.xml": BILLION_LAUGHS})
 
 
 HTML_PAGE = """<!DOCTYPE html>
@@ -202,7 +203,7 @@ def make_latin1_html(directory: Path) -> Path:
     """Declared charset only in a meta tag, bytes in cp1252."""
     path = directory / "legacy.htm"
     page = '<html><head><meta http-equiv="Content-Type" content="text/html; charset=windows-1252">'
-    page += "</head><body><h1>Caf\u00e9 menu</h1><p>Cr\u00e8me br\u00fbl\u00e9e \u2013 5 \u20ac</p></body></html>"
+    page += "</head><body><h1>Café menu</h1><p>Crème brûlée – 5 €</p></body></html>"
     path.write_bytes(page.encode("cp1252"))
     return path
 
@@ -274,7 +275,8 @@ def make_cp1252_text(directory: Path) -> Path:
 
 def make_csv(directory: Path, *, rows: int = 3) -> Path:
     path = directory / "parts.csv"
-    lines = ["part;quantity;note"] + [f"Filter {i};{i};" if i % 2 else f"Valve {i};{i};spare" for i in range(1, rows + 1)]
+    lines = ["part;quantity;note"]
+    lines += [f"Filter {i};{i};" if i % 2 else f"Valve {i};{i};spare" for i in range(1, rows + 1)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
