@@ -23,7 +23,7 @@ class PairForm(forms.ModelForm):
     class Meta:
         model = InstructionPair
         fields = ["instruction", "input", "response"]
-        labels = {"input": "Context (optional)"}
+        labels = {"input": "Context"}
         help_texts = {
             "instruction": "The question or task, as a user would write it.",
             "input": "Extra text the answer relies on, if any.",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -120,6 +121,7 @@ def documents(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     project = _get_project_for_user(request, slug)
     context = _project_context(request, project, "documents") | {
         "documents": project.documents.all(),
+        "max_upload_mb": settings.MAX_UPLOAD_BYTES // (1024 * 1024),
     }
     return render(request, "projects/documents.html", context)
 

@@ -1,0 +1,412 @@
+"""Builds through real Celery workers: Redis and the embedded broker, and a worker killed mid-build.
+
+Nothing here runs in the test process's Django: every step is a real process (manage.py commands,
+`celery worker`) sharing one fresh DATA_DIR with a file-based SQLite database, exactly as an
+installation runs. The test process reads that database with sqlite3 to watch progress.
+
+The test process itself runs with CELERY_TASK_ALWAYS_EAGER=1 and BUILD_HEARTBEAT_THREAD=0 (see
+tests/testenv.py); the processes started here get a clean environment with both turned back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_redis import factories
+from reportlab.lib.pagesizes import A4
+from reportlab.pdfgen import canvas
+
+from tests.projects.fixtures_docs import make_markdown, make_pdf
+
+pytestmark = pytest.mark.services
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+# A session-scoped Redis on a free port, from Debian's server; configured here, not in ini files.
+redis_server = factories.redis_proc(executable="/usr/bin/redis-server", port=None, save="")
+
+# Variables the test process sets for itself (tests/testenv.py, pytest-django) that must not leak
+# into the installation under test.
+_SCRUBBED = {
+    "SLMSTUDIO_TEST_DATA_DIR",
+    "DATA_DIR",
+    "DATABASE_URL",
+    "CELERY_BROKER_URL",
+    "CELERY_TASK_ALWAYS_EAGER",
+    "BUILD_HEARTBEAT_THREAD",
+    "BUILD_STALE_SECONDS",
+    "DJANGO_ALLOW_ASYNC_UNSAFE",
+    "SECRET_KEY",
+    "PYTEST_CURRENT_TEST",
+    "PYTEST_XDIST_WORKER",
+}
+
+# Prefixed to `python -c` snippets that use the ORM of the installation under test.
+_DJANGO = "import django; django.setup()\n"
+
+_CREATE_USER = (
+    "from django.contrib.auth.models import User; "
+    "User.objects.create_user('alice', password='pw-alice-123')"
+)
+
+# Stores files as documents without parsing them (what a large upload does): they stay "pending"
+# until a worker reads them, so a succeeded build proves the worker did.
+_ADD_DOCUMENTS = """
+import sys
+from pathlib import Path
+from projects.models import Document, Project
+from projects.services import document_add
+project = Project.objects.get(slug=sys.argv[1])
+for name in sys.argv[2:]:
+    path = Path(name)
+    with path.open("rb") as fh:
+        added = document_add(project=project, stream=fh, name=path.name, size=path.stat().st_size)
+    assert not added.duplicate, f"{name} is a duplicate"
+assert not project.documents.exclude(status=Document.Status.PENDING).exists()
+print(project.documents.count())
+"""
+
+
+class Worker:
+    """`celery worker` in its own process group, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                PYTHON, "-m", "celery", "-A", "slmstudio", "worker",
+                "--loglevel", "INFO", "--concurrency", "1", "--without-mingle", "--without-gossip",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid  # start_new_session: the worker leads its own group
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9 the whole group (main process and pool children), as a crash or OOM would."""
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+    def stop(self) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL after a few seconds. Safe to call twice."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pgid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        # The group may outlive its leader (a pool child finishing a task): always sweep it.
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+class Install:
+    """One installation: its DATA_DIR, its environment, its processes."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.data_dir = tmp_path / "install"  # conftest already made tmp_path/data for the test process
+        self.data_dir.mkdir()
+        self.env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+        self.env.update(
+            DJANGO_SETTINGS_MODULE="slmstudio.settings",
+            DATA_DIR=str(self.data_dir),
+            CELERY_TASK_ALWAYS_EAGER="0",
+            BUILD_HEARTBEAT_THREAD="1",
+            PYTHONUNBUFFERED="1",
+        )
+        self.workers: list[Worker] = []
+        self.outputs: list[str] = []
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            list(args), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        self.outputs.append(
+            f"$ {' '.join(args)[:200]}\n[rc {proc.returncode}]\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
+        )
+        if check:
+            assert proc.returncode == 0, self.report(f"command failed: {' '.join(args)[:200]}")
+        return proc
+
+    def manage(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        return self.run(PYTHON, "manage.py", *args, **kwargs)
+
+    def python(self, code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        return self.run(PYTHON, "-c", _DJANGO + code, *args, **kwargs)
+
+    def start_worker(self, **extra_env: str) -> Worker:
+        env = {**self.env, **extra_env}
+        worker = Worker(env, self.tmp_path / f"worker-{len(self.workers) + 1}.log")
+        self.workers.append(worker)
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def report(self, message: str) -> str:
+        """An assertion message with what the processes printed, so a failure explains itself."""
+        parts = [message]
+        for i, worker in enumerate(self.workers, start=1):
+            parts.append(f"----- worker {i} log ({worker.log_path}) -----\n{worker.log()[-8000:]}")
+        parts.append("----- commands -----\n" + "\n".join(self.outputs[-4:]))
+        return "\n".join(parts)
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def prepare(self, documents: list[Path]) -> str:
+        """Migrate, create a user and a project, store `documents` unparsed. Returns the slug."""
+        self.manage("migrate", "--noinput", "-v", "0")
+        self.python(_CREATE_USER)
+        slug = json.loads(self.manage("createproject", "Pump manuals", "--owner", "alice").stdout)["project"]
+        added = self.python(_ADD_DOCUMENTS, slug, *map(str, documents))
+        assert int(added.stdout.strip()) == len(documents), self.report("documents not stored")
+        return slug
+
+    # --- reading the installation's database -------------------------------------------------
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        con = sqlite3.connect(self.data_dir / "db.sqlite3", timeout=20)
+        try:
+            con.execute("PRAGMA query_only = 1")
+            return con.execute(sql, params).fetchall()
+        finally:
+            con.close()
+
+    def build_row(self, build_id: int) -> dict[str, Any]:
+        cols = ("status", "attempts", "claimed_by", "error")
+        row = self.query(f"SELECT {', '.join(cols)} FROM training_build WHERE id = ?", (build_id,))[0]
+        return dict(zip(cols, row))
+
+    def step_row(self, build_id: int, name: str) -> dict[str, Any]:
+        cols = ("status", "progress_current", "progress_total", "metrics")
+        row = self.query(
+            f"SELECT {', '.join(cols)} FROM training_buildstep WHERE build_id = ? AND name = ?",
+            (build_id, name),
+        )[0]
+        step = dict(zip(cols, row))
+        step["metrics"] = json.loads(step["metrics"] or "{}")
+        return step
+
+    def document_statuses(self) -> dict[int, str]:
+        return dict(self.query("SELECT id, status FROM projects_document"))
+
+    def build_logs(self, build_id: int) -> list[str]:
+        rows = self.query("SELECT message FROM training_buildlog WHERE build_id = ? ORDER BY id", (build_id,))
+        return [message for (message,) in rows]
+
+    def wait_for(self, what: str, condition: Callable[[], Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = condition()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(self.report(f"timed out after {timeout:.0f} s waiting for {what}"))
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def install(tmp_path: Path) -> Iterator[Install]:
+    installation = Install(tmp_path)
+    try:
+        yield installation
+    finally:
+        installation.stop_all()
+
+
+def _two_documents(directory: Path) -> list[Path]:
+    directory.mkdir()
+    return [make_pdf(directory), make_markdown(directory)]
+
+
+def _assert_round_trip(install: Install, worker: Worker, result: subprocess.CompletedProcess) -> None:
+    """`build --wait` printed a succeeded build whose parse step the worker ran."""
+    assert result.returncode == 0, install.report(f"build did not succeed: {result.stdout}")
+    out = json.loads(result.stdout)
+    assert out["status"] == "succeeded", install.report(f"build output: {out}")
+    steps = {s["name"]: s for s in out["steps"]}
+    assert steps["parse"]["status"] == "succeeded", install.report(f"build output: {out}")
+    assert steps["parse"]["metrics"]["parsed"] == 2, install.report(f"build output: {out}")
+    assert steps["parse"]["metrics"]["newly_read"] == 2, install.report(f"build output: {out}")
+    assert steps["validate"]["metrics"]["documents"] == 2, install.report(f"build output: {out}")
+    assert sorted(install.document_statuses().values()) == ["parsed", "parsed"], install.report("documents")
+    build = install.build_row(out["build"])
+    assert build["attempts"] == 1, install.report(f"build row: {build}")
+    # Run by the worker's pool process, not eagerly inside the `build` command.
+    assert build["claimed_by"].startswith(f"{socket.gethostname()}:"), build
+    log = worker.log()
+    assert f"run_build_task[" in log and "received" in log, install.report("the worker never got the task")
+
+
+def test_round_trip_through_redis(install: Install, redis_server: Any, tmp_path: Path) -> None:
+    install.env["CELERY_BROKER_URL"] = f"redis://{redis_server.host}:{redis_server.port}/0"
+    slug = install.prepare(_two_documents(tmp_path / "src"))
+    worker = install.start_worker()
+
+    result = install.manage("build", slug, "--wait", "--timeout", "120", timeout=150, check=False)
+
+    _assert_round_trip(install, worker, result)
+    # Celery masks the URL in its log ("redis://:**@127.0.0.1:PORT/0").
+    connected = f"Connected to redis://:**@{redis_server.host}:{redis_server.port}/0"
+    assert connected in worker.log(), install.report("the worker is not on the test's Redis")
+    assert not (install.data_dir / "broker").exists(), "the embedded broker was used instead of Redis"
+
+
+def test_round_trip_through_embedded_broker(install: Install, tmp_path: Path) -> None:
+    assert "CELERY_BROKER_URL" not in install.env
+    slug = install.prepare(_two_documents(tmp_path / "src"))
+    worker = install.start_worker()
+
+    result = install.manage("build", slug, "--wait", "--timeout", "120", timeout=150, check=False)
+
+    _assert_round_trip(install, worker, result)
+    assert "filesystem://" in worker.log(), install.report("not on the embedded broker")
+    assert (install.data_dir / "broker" / "queue").is_dir()
+
+
+# --- A worker killed mid-build ---------------------------------------------------------------
+
+# Enough reading for the parse step to take a few seconds on a small machine (measured: about
+# 0.1 s per 30-page document on 2 cores), so it can be killed part-way. Progress reaches the
+# database at most once a second (training.steps.WRITE_EVERY_SECONDS).
+KILL_DOCUMENTS = 40
+KILL_PAGES = 30
+
+
+def _make_manual(path: Path, index: int, pages: int) -> Path:
+    """A text PDF with distinct content (documents are de-duplicated by their bytes)."""
+    pdf = canvas.Canvas(str(path), pagesize=A4)
+    pdf.setTitle(f"Pump manual {index}")
+    for page in range(pages):
+        y = 780.0
+        pdf.setFont("Helvetica-Bold", 16)
+        pdf.drawString(72, y, f"Chapter {page + 1} of manual {index}")
+        y -= 32
+        pdf.setFont("Helvetica", 11)
+        for line in range(40):
+            pdf.drawString(72, y, f"Manual {index}, page {page + 1}, line {line + 1}: check the filter and the valve.")
+            y -= 17
+        pdf.showPage()
+    pdf.save()
+    return path
+
+
+def _pid_gone(pid: int) -> bool:
+    """True once the process has been reaped (a zombie still answers kill(pid, 0))."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("X",)
+
+
+def test_worker_killed_mid_build_is_recovered(install: Install, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    documents = [_make_manual(src / f"manual-{i:02}.pdf", i, KILL_PAGES) for i in range(KILL_DOCUMENTS)]
+    slug = install.prepare(documents)
+    first = install.start_worker()
+
+    started = install.manage("build", slug, timeout=60)
+    build_id = json.loads(started.stdout)["build"]
+
+    def parse_under_way() -> bool:
+        build, parse = install.build_row(build_id), install.step_row(build_id, "parse")
+        assert build["status"] in ("queued", "running"), install.report(f"build ended early: {build}")
+        assert not (parse["progress_total"] and parse["progress_current"] >= parse["progress_total"]), (
+            install.report("the parse step finished before it could be killed: make the documents bigger")
+        )
+        return build["status"] == "running" and parse["progress_current"] >= 1
+
+    install.wait_for("the parse step to make progress", parse_under_way, timeout=60)
+    first.kill()
+
+    # The dead worker's build is left as it was: running, claimed by a process that is gone.
+    build = install.build_row(build_id)
+    assert build["status"] == "running" and build["attempts"] == 1, install.report(f"after kill: {build}")
+    assert install.step_row(build_id, "parse")["status"] == "running"
+    statuses = install.document_statuses()
+    parsed_before = {
+        pk: parsed_at
+        for pk, parsed_at in install.query("SELECT id, parsed_at FROM projects_document WHERE status = 'parsed'")
+    }
+    assert 1 <= len(parsed_before) < KILL_DOCUMENTS, statuses
+    assert "pending" in statuses.values(), statuses
+    # The killed pool process is an orphan that init reaps a moment later; until then it is a zombie,
+    # which the start-up check (kill(pid, 0)) would still count as alive. A restart is never faster.
+    dead_pid = int(build["claimed_by"].rpartition(":")[2])
+    install.wait_for(f"the killed worker process {dead_pid} to be reaped", lambda: _pid_gone(dead_pid), 20)
+
+    # A new worker re-queues it at start-up from the dead pid alone: the heartbeat is still fresh
+    # and BUILD_STALE_SECONDS is a minute away.
+    second = install.start_worker(BUILD_STALE_SECONDS="60")
+    install.wait_for(
+        "the build to end after the restart",
+        lambda: install.build_row(build_id)["status"] not in ("queued", "running"),
+        timeout=120,
+    )
+
+    build = install.build_row(build_id)
+    assert build["status"] == "succeeded", install.report(f"build: {build}")
+    assert build["attempts"] == 2, install.report(f"build: {build}")
+    assert install.query("SELECT COUNT(*) FROM training_build") == [(1,)]
+    assert f"re-queued stale builds [{build_id}]" in second.log(), install.report("no re-queue logged")
+    logs = install.build_logs(build_id)
+    assert any("re-queued" in m for m in logs), logs
+    assert "Resuming (attempt 2)." in logs, logs
+
+    # Every document read, once: none added or lost, the ones read before the kill left alone.
+    statuses = install.document_statuses()
+    assert len(statuses) == KILL_DOCUMENTS and set(statuses.values()) == {"parsed"}, statuses
+    parsed_at = dict(install.query("SELECT id, parsed_at FROM projects_document"))
+    assert {pk: parsed_at[pk] for pk in parsed_before} == parsed_before, "documents were parsed again"
+
+    parse = install.step_row(build_id, "parse")
+    assert parse["status"] == "succeeded", parse
+    assert parse["metrics"]["documents"] == KILL_DOCUMENTS, parse
+    assert parse["metrics"]["parsed"] == KILL_DOCUMENTS, parse
+    assert parse["metrics"]["failed"] == 0, parse
+    assert parse["metrics"]["newly_read"] == KILL_DOCUMENTS - len(parsed_before), parse
+    assert parse["metrics"]["pages"] == KILL_DOCUMENTS * KILL_PAGES, parse
+    assert install.step_row(build_id, "validate")["status"] == "succeeded"
