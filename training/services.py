@@ -7,13 +7,15 @@ import os
 import socket
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
-from django.db import close_old_connections, connection, transaction
-from django.db.models import Q
+from django.db import connection, transaction
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from projects.models import Project
@@ -68,15 +70,14 @@ def build_claim(*, build_id: int, worker: str) -> bool:
 
     One conditional UPDATE: of two deliveries of the same message, exactly one gets the row.
     """
-    from django.db.models import F
-
     now = timezone.now()
     return bool(
         Build.objects.filter(pk=build_id, status=Build.Status.QUEUED).update(
             status=Build.Status.RUNNING,
             claimed_by=worker,
             attempts=F("attempts") + 1,
-            started_at=now,
+            # A resumed build keeps its first start time, so its duration covers every attempt.
+            started_at=Coalesce(F("started_at"), Value(now)),
             heartbeat_at=now,
         )
     )
@@ -216,7 +217,14 @@ def _worker_is_dead(claimed_by: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    # A killed process its parent has not reaped yet is a zombie, and kill(pid, 0) still succeeds.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True  # reaped between the two checks
+    except OSError:
+        return False  # no /proc: keep the answer kill() gave
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
 def builds_recover_stale() -> list[int]:
@@ -226,7 +234,6 @@ def builds_recover_stale() -> list[int]:
     heartbeat is older than BUILD_STALE_SECONDS, or at once when the process that claimed it
     on this host has died (a worker restarted after `kill -9` need not wait for the timeout).
     """
-    close_old_connections()
     cutoff = timezone.now() - timedelta(seconds=settings.BUILD_STALE_SECONDS)
     requeued: list[int] = []
     for build in Build.objects.filter(status__in=Build.ACTIVE).filter(

@@ -217,3 +217,19 @@ def test_start_a_build_from_the_project_page(project_with_data, owner_client, dj
     assert response["Location"] == build.get_absolute_url()
     build.refresh_from_db()
     assert build.status == "succeeded"
+
+
+def test_a_killed_but_unreaped_worker_counts_as_dead():
+    import signal
+
+    from training.services import _worker_is_dead
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not _worker_is_dead(f"{socket.gethostname()}:{proc.pid}")
+        proc.send_signal(signal.SIGKILL)
+        time.sleep(0.3)  # dead, but not waited for: a zombie that kill(pid, 0) still finds
+        assert _worker_is_dead(f"{socket.gethostname()}:{proc.pid}")
+    finally:
+        proc.wait()
+    assert not _worker_is_dead(f"another-host:{proc.pid}")
