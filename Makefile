@@ -34,12 +34,14 @@ install: $(VENV)/.base $(VENV)/.ml
 
 install-test: $(VENV)/.base $(VENV)/.test
 
-# Real services for the tests come from Debian: a Redis server the tests start themselves, and
-# Chromium for the browser tests (driven by Playwright with executable_path, never downloaded).
+# Real services for the tests come from Debian: Redis and PostgreSQL servers the tests start
+# themselves on free ports, and Chromium for the browser tests (driven by Playwright with
+# executable_path, never downloaded).
 system-test-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
