@@ -71,6 +71,10 @@ test-fast: install-test
 test-browser: install-test system-test-deps
 	$(PY) -m pytest tests/browser
 
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 migrations-check: $(VENV)/.base
 	$(PY) manage.py makemigrations --check --dry-run
 

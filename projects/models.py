@@ -16,9 +16,7 @@ class Project(models.Model):
     # so changing this later moves pairs only at the margin, never shuffles them.
     eval_fraction = models.FloatField(default=0.1)
     created_at = models.DateTimeField(auto_now_add=True)
-    members = models.ManyToManyField(
-        settings.AUTH_USER_MODEL, through="Membership", related_name="projects"
-    )
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
 
     class Meta:
         ordering = ["name"]
@@ -41,16 +39,12 @@ class Membership(models.Model):
         MEMBER = "member", "Member"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
-    )
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
     role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["project", "user"], name="membership_unique")
-        ]
+        constraints = [models.UniqueConstraint(fields=["project", "user"], name="membership_unique")]
 
     def __str__(self) -> str:
         return f"{self.user} in {self.project} ({self.role})"
@@ -85,9 +79,7 @@ class Document(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        constraints = [
-            models.UniqueConstraint(fields=["project", "sha256"], name="document_unique_content")
-        ]
+        constraints = [models.UniqueConstraint(fields=["project", "sha256"], name="document_unique_content")]
 
     def __str__(self) -> str:
         return self.original_name

@@ -233,11 +233,9 @@ def _csv_items(text: str, preferred_delimiter: str) -> list[_Item]:
             if header is None:
                 header = _checked_header(row)
             else:
-                items.append((line, dict(zip(header, row))))
+                items.append((line, dict(zip(header, row, strict=False))))
     except csv.Error as exc:
-        raise PairFormatError(
-            f"The CSV file cannot be read at line {reader.line_num}: {exc}."
-        ) from None
+        raise PairFormatError(f"The CSV file cannot be read at line {reader.line_num}: {exc}.") from None
     return items
 
 

@@ -703,9 +703,8 @@ def _check_docx_members(members: list[zipfile.ZipInfo], limits: ParseLimits) -> 
         megabytes = limits.max_unpacked_bytes // (1024 * 1024)
         raise _malformed_docx(f"it would unpack to more than {megabytes:,} MB")
     for member in members:
-        if (
-            member.file_size > _ZIP_RATIO_MIN_BYTES
-            and member.file_size > limits.max_compression_ratio * max(member.compress_size, 1)
+        if member.file_size > _ZIP_RATIO_MIN_BYTES and member.file_size > limits.max_compression_ratio * max(
+            member.compress_size, 1
         ):
             raise _malformed_docx(
                 "one of its parts is compressed far more than real documents are, like a zip bomb"
@@ -759,12 +758,45 @@ def _docx_table_text(table: Table) -> str:
 # HTML
 # --------------------------------------------------------------------------------------------
 
-_HTML_DROP = tuple("script style noscript template nav footer header aside form iframe svg".split())
+_HTML_DROP = (
+    "script",
+    "style",
+    "noscript",
+    "template",
+    "nav",
+    "footer",
+    "header",
+    "aside",
+    "form",
+    "iframe",
+    "svg",
+)
 _HTML_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 # Elements that end the running paragraph before and after them.
 _HTML_BLOCKS = frozenset(
-    "address article blockquote body caption dd details div dl dt fieldset figcaption figure hr li main "
-    "ol p section summary ul".split()
+    [
+        "address",
+        "article",
+        "blockquote",
+        "body",
+        "caption",
+        "dd",
+        "details",
+        "div",
+        "dl",
+        "dt",
+        "fieldset",
+        "figcaption",
+        "figure",
+        "hr",
+        "li",
+        "main",
+        "ol",
+        "p",
+        "section",
+        "summary",
+        "ul",
+    ]
 )
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 

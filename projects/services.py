@@ -62,9 +62,7 @@ def project_create(*, name: str, owner: AbstractBaseUser, description: str = "")
 
 
 def membership_role(*, project: Project, user: AbstractBaseUser) -> str | None:
-    return (
-        Membership.objects.filter(project=project, user=user).values_list("role", flat=True).first()
-    )
+    return Membership.objects.filter(project=project, user=user).values_list("role", flat=True).first()
 
 
 def _require_owner(project: Project, actor: AbstractBaseUser) -> None:
@@ -243,9 +241,9 @@ def documents_requeue_stale(*, stale_after: timedelta) -> list[int]:
     from .tasks import parse_document_task
 
     cutoff = timezone.now() - stale_after
-    Document.objects.filter(
-        status=Document.Status.PARSING, parse_started_at__lt=cutoff
-    ).update(status=Document.Status.PENDING)
+    Document.objects.filter(status=Document.Status.PARSING, parse_started_at__lt=cutoff).update(
+        status=Document.Status.PENDING
+    )
     ids = list(
         Document.objects.filter(status=Document.Status.PENDING, created_at__lt=cutoff).values_list(
             "pk", flat=True

@@ -6,7 +6,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, Q
-from django.http import Http404, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HTMX_STOP_POLLING
@@ -15,23 +15,8 @@ from slmstudio.http import AuthenticatedRequest
 
 from . import services
 from .forms import InviteForm, PairForm, PairImportForm, ProjectForm
+from .http import project_context, project_or_404
 from .models import Document, InstructionPair, Membership, Project
-
-
-def _get_project_for_user(request: AuthenticatedRequest, slug: str) -> Project:
-    """The project if the user is a member; 404 otherwise, so outsiders learn nothing."""
-    try:
-        return services.project_get_for_user(user=request.user, slug=slug)
-    except Project.DoesNotExist:
-        raise Http404("No such project") from None
-
-
-def _project_context(request: AuthenticatedRequest, project: Project, tab: str) -> dict[str, object]:
-    return {
-        "project": project,
-        "tab": tab,
-        "role": services.membership_role(project=project, user=request.user),
-    }
 
 
 @login_required
@@ -57,7 +42,7 @@ def project_new(request: AuthenticatedRequest) -> HttpResponse:
 @login_required
 @require_GET
 def project_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     documents = project.documents.aggregate(
         parsed=Count("pk", filter=Q(status=Document.Status.PARSED)),
         failed=Count("pk", filter=Q(status=Document.Status.FAILED)),
@@ -67,7 +52,7 @@ def project_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         train=Count("pk", filter=Q(split=InstructionPair.Split.TRAIN)),
         eval=Count("pk", filter=Q(split=InstructionPair.Split.EVAL)),
     )
-    context = _project_context(request, project, "overview") | {
+    context = project_context(request, project, "overview") | {
         "documents": documents,
         "pairs": pairs,
         "has_data": documents["parsed"] + pairs["train"] + pairs["eval"] > 0,
@@ -79,7 +64,7 @@ def project_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def members(request: AuthenticatedRequest, slug: str) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     form = InviteForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -89,7 +74,7 @@ def members(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         else:
             messages.success(request, f"{membership.user.get_username()} can now open this project.")
             return redirect("projects-members", slug=project.slug)
-    context = _project_context(request, project, "members") | {
+    context = project_context(request, project, "members") | {
         "form": form,
         "memberships": project.memberships.select_related("user").order_by("role", "user__username"),
     }
@@ -99,7 +84,7 @@ def members(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def member_remove(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     membership = get_object_or_404(Membership, pk=pk, project=project)
     try:
         services.membership_remove(project=project, actor=request.user, membership=membership)
@@ -118,8 +103,8 @@ def member_remove(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResp
 @login_required
 @require_GET
 def documents(request: AuthenticatedRequest, slug: str) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
-    context = _project_context(request, project, "documents") | {
+    project = project_or_404(request, slug)
+    context = project_context(request, project, "documents") | {
         "documents": project.documents.all(),
         "max_upload_mb": settings.MAX_UPLOAD_BYTES // (1024 * 1024),
     }
@@ -131,7 +116,7 @@ def documents(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 def documents_upload(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     """Store and parse uploaded files. Scripted uploads (one file per request) get the table rows
     back to insert; a plain form post is redirected to the list with messages."""
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     uploads = request.FILES.getlist("files")  # parses the body, running MaxSizeUploadHandler
     results: list[tuple[Document | None, str, str]] = []  # (document, name, problem)
     for name in getattr(request, "oversized_uploads", []):
@@ -153,7 +138,9 @@ def documents_upload(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         results.append((None, "", "No file was received. Choose one or more files to upload."))
     if request.headers.get("X-Upload") == "rows":
         status = 400 if all(doc is None for doc, _, _ in results) else 200
-        return render(request, "projects/_upload_result.html", {"project": project, "results": results}, status=status)
+        return render(
+            request, "projects/_upload_result.html", {"project": project, "results": results}, status=status
+        )
     for doc, name, problem in results:
         if problem and doc is None:
             messages.error(request, problem)
@@ -168,18 +155,20 @@ def documents_upload(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @require_GET
 def document_row(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
     """The row partial, polled while a document waits to be read; polling stops once it settles."""
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     document = get_object_or_404(Document, pk=pk, project=project)
     status = HTMX_STOP_POLLING if document.is_settled else 200
-    return render(request, "projects/_document_row.html", {"project": project, "doc": document}, status=status)
+    return render(
+        request, "projects/_document_row.html", {"project": project, "doc": document}, status=status
+    )
 
 
 @login_required
 @require_GET
 def document_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     document = get_object_or_404(Document, pk=pk, project=project)
-    context = _project_context(request, project, "documents") | {
+    context = project_context(request, project, "documents") | {
         "doc": document,
         "parsed": services.document_parsed(document=document),
     }
@@ -189,7 +178,7 @@ def document_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRe
 @login_required
 @require_POST
 def document_delete(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     document = get_object_or_404(Document, pk=pk, project=project)
     services.document_delete(document=document)
     if request.htmx:
@@ -215,7 +204,7 @@ def _pairs_page(
     if split in InstructionPair.Split.values:
         pairs = pairs.filter(split=split)
     page = Paginator(pairs, 50).get_page(request.GET.get("page"))
-    context = _project_context(request, project, "pairs") | {
+    context = project_context(request, project, "pairs") | {
         "page": page,
         "split": split,
         "counts": project.pairs.aggregate(
@@ -234,7 +223,7 @@ def _pairs_page(
 @require_http_methods(["GET", "POST"])
 def pairs(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     """The pairs list; POST adds one pair from the form."""
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     if request.method == "GET":
         return _pairs_page(request, project)
     form = PairForm(request.POST)
@@ -252,7 +241,7 @@ def pairs(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def pairs_import(request: AuthenticatedRequest, slug: str) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     form = PairImportForm(request.POST, request.FILES)
     if getattr(request, "oversized_uploads", None):
         form.add_error("file", services.too_big_message(request.oversized_uploads[0]))
@@ -266,7 +255,7 @@ def pairs_import(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @login_required
 @require_GET
 def pairs_export(request: AuthenticatedRequest, slug: str) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     response = HttpResponse(
         services.pairs_export_jsonl(project=project), content_type="application/jsonl; charset=utf-8"
     )
@@ -277,7 +266,7 @@ def pairs_export(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def pair_edit(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     pair = get_object_or_404(InstructionPair, pk=pk, project=project)
     form = PairForm(request.POST or None, instance=pair)
     if request.method == "POST" and form.is_valid():
@@ -288,14 +277,14 @@ def pair_edit(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse
         else:
             messages.success(request, "Pair saved.")
             return redirect("projects-pairs", slug=project.slug)
-    context = _project_context(request, project, "pairs") | {"form": form, "pair": pair}
+    context = project_context(request, project, "pairs") | {"form": form, "pair": pair}
     return render(request, "projects/pair_edit.html", context)
 
 
 @login_required
 @require_POST
 def pair_delete(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     pair = get_object_or_404(InstructionPair, pk=pk, project=project)
     pair.delete()
     if request.htmx:

@@ -33,7 +33,9 @@ def test_the_app_runs_on_postgresql(tmp_path):
                 [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True
             )
             assert out.returncode == 0, out.stdout + out.stderr
-            return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip().startswith("{") else {}
+            return (
+                json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip().startswith("{") else {}
+            )
 
         manage("migrate", "--noinput", "-v0")
         assert manage("ensureadmin")["created"]
@@ -44,7 +46,9 @@ def test_the_app_runs_on_postgresql(tmp_path):
         fx.make_markdown(docs)
         assert manage("ingest", slug, str(docs)) == {"added": 2, "duplicates": 0, "failed": []}
         pairs = tmp_path / "pairs.jsonl"
-        pairs.write_text("\n".join(json.dumps({"instruction": f"Q{i}?", "response": f"A{i}."}) for i in range(20)))
+        pairs.write_text(
+            "\n".join(json.dumps({"instruction": f"Q{i}?", "response": f"A{i}."}) for i in range(20))
+        )
         report = manage("importpairs", slug, str(pairs))
         assert report["added"] == 20 and report["train"] + report["eval"] == 20
         build = manage("build", slug, "--wait", "--timeout", "60")

@@ -22,9 +22,7 @@ class Build(models.Model):
     ACTIVE = frozenset({Status.RUNNING, Status.CANCELLING})
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="builds")
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
-    )
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     error = models.TextField(blank=True)
     # Times the build has been claimed by a worker: the first run plus resumes after a lost worker.
@@ -85,9 +83,7 @@ class BuildStep(models.Model):
 
     class Meta:
         ordering = ["index"]
-        constraints = [
-            models.UniqueConstraint(fields=["build", "index"], name="buildstep_unique_index")
-        ]
+        constraints = [models.UniqueConstraint(fields=["build", "index"], name="buildstep_unique_index")]
 
     def __str__(self) -> str:
         return f"{self.index}:{self.name}"

@@ -142,26 +142,24 @@ def _step_finished(step: BuildStep | None, status: str, metrics: dict | None = N
     step.save(update_fields=fields)
 
 
-def _build_finished(
-    build: Build, worker: str, status: str, *, error: str = "", note: str = ""
-) -> None:
+def _build_finished(build: Build, worker: str, status: str, *, error: str = "", note: str = "") -> None:
     # Guarded by claimed_by: if this worker was presumed dead and the build handed to another,
     # the other worker's outcome stands.
-    updated = Build.objects.filter(
-        pk=build.pk, claimed_by=worker, status__in=Build.ACTIVE
-    ).update(status=status, error=error, ended_at=timezone.now())
+    updated = Build.objects.filter(pk=build.pk, claimed_by=worker, status__in=Build.ACTIVE).update(
+        status=status, error=error, ended_at=timezone.now()
+    )
     if updated:
         message = note or error or {Build.Status.SUCCEEDED: "Build finished."}.get(status, "")
-        BuildLog.objects.create(
-            build=build, level="error" if error else "info", message=message
-        )
+        BuildLog.objects.create(build=build, level="error" if error else "info", message=message)
 
 
 def build_fail(*, build_id: int, message: str) -> None:
     """Mark a build failed from outside its run (a task that crashed before it could)."""
     now = timezone.now()
-    if Build.objects.filter(pk=build_id).exclude(status__in=Build.TERMINAL).update(
-        status=Build.Status.FAILED, error=message, ended_at=now
+    if (
+        Build.objects.filter(pk=build_id)
+        .exclude(status__in=Build.TERMINAL)
+        .update(status=Build.Status.FAILED, error=message, ended_at=now)
     ):
         BuildStep.objects.filter(build_id=build_id, status=BuildStep.Status.RUNNING).update(
             status=BuildStep.Status.FAILED, ended_at=now
@@ -237,7 +235,9 @@ def builds_recover_stale() -> list[int]:
     cutoff = timezone.now() - timedelta(seconds=settings.BUILD_STALE_SECONDS)
     requeued: list[int] = []
     for build in Build.objects.filter(status__in=Build.ACTIVE).filter(
-        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True) | Q(claimed_by__startswith=f"{socket.gethostname()}:")
+        Q(heartbeat_at__lt=cutoff)
+        | Q(heartbeat_at__isnull=True)
+        | Q(claimed_by__startswith=f"{socket.gethostname()}:")
     ):
         if build.heartbeat_at and build.heartbeat_at >= cutoff and not _worker_is_dead(build.claimed_by):
             continue

@@ -54,9 +54,7 @@ class StepContext:
         if message:
             self.step.message = message[:300]
             fields.append("message")
-        BuildStep.objects.filter(pk=self.step.pk).update(
-            **{f: getattr(self.step, f) for f in fields}
-        )
+        BuildStep.objects.filter(pk=self.step.pk).update(**{f: getattr(self.step, f) for f in fields})
         Build.objects.filter(pk=self.build.pk).update(heartbeat_at=timezone.now())
 
     def log(self, message: str, level: str = "info") -> None:
@@ -69,9 +67,7 @@ class StepContext:
             return
         self._last_cancel_check = now
         requested = (
-            Build.objects.filter(pk=self.build.pk)
-            .values_list("cancel_requested_at", flat=True)
-            .first()
+            Build.objects.filter(pk=self.build.pk).values_list("cancel_requested_at", flat=True).first()
         )
         if requested:
             raise BuildCancelled
@@ -96,9 +92,9 @@ def parse_step(ctx: StepContext) -> dict:
     """Parse every document that is not read yet (uploads waiting for a worker, lost parses)."""
     project = ctx.build.project
     ids = list(
-        project.documents.filter(
-            status__in=[Document.Status.PENDING, Document.Status.PARSING]
-        ).values_list("pk", flat=True)
+        project.documents.filter(status__in=[Document.Status.PENDING, Document.Status.PARSING]).values_list(
+            "pk", flat=True
+        )
     )
     # A document stuck in "parsing" lost its worker; hand it back so this step can claim it.
     project.documents.filter(pk__in=ids, status=Document.Status.PARSING).update(

@@ -16,5 +16,3 @@ def run_build_task(build_id: int) -> None:
     from .services import build_run
 
     build_run(build_id=build_id)
-
-

@@ -3,13 +3,12 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HTMX_STOP_POLLING
 
-from projects.models import Project
-from projects.services import membership_role, project_get_for_user
+from projects.http import project_context, project_or_404
 from slmstudio.http import AuthenticatedRequest
 
 from . import services
@@ -17,21 +16,11 @@ from .models import Build
 from .steps import STEP_LABELS
 
 
-def _get_project_for_user(request: AuthenticatedRequest, slug: str) -> Project:
-    try:
-        return project_get_for_user(user=request.user, slug=slug)
-    except Project.DoesNotExist:
-        raise Http404("No such project") from None
-
-
 @login_required
 @require_GET
 def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
-    context = {
-        "project": project,
-        "tab": "builds",
-        "role": membership_role(project=project, user=request.user),
+    project = project_or_404(request, slug)
+    context = project_context(request, project, "builds") | {
         "builds": project.builds.select_related("created_by")[:100],
     }
     return render(request, "training/builds.html", context)
@@ -40,7 +29,7 @@ def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     try:
         build = services.build_start(project=project, user=request.user)
     except ValidationError as exc:
@@ -53,12 +42,9 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @require_GET
 def build_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
     """The build page. While it runs, htmx polls this same view for its `build-status` partial."""
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     build = get_object_or_404(Build, pk=pk, project=project)
-    context = {
-        "project": project,
-        "tab": "builds",
-        "role": membership_role(project=project, user=request.user),
+    context = project_context(request, project, "builds") | {
         "build": build,
         "steps": [(step, STEP_LABELS.get(step.name, step.name)) for step in build.steps.all()],
         "logs": list(build.logs.order_by("-id")[:200])[::-1],
@@ -72,7 +58,7 @@ def build_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
 @login_required
 @require_POST
 def build_cancel(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
-    project = _get_project_for_user(request, slug)
+    project = project_or_404(request, slug)
     build = get_object_or_404(Build, pk=pk, project=project)
     services.build_cancel(build=build)
     return redirect(build)

@@ -91,9 +91,9 @@ def display_name(raw: str, *, max_length: int = 200) -> str:
     """
     name = unicodedata.normalize("NFC", raw or "")
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(
-        ch for ch in name if ch not in _INVISIBLE and unicodedata.category(ch)[0] != "C"
-    ).strip(" .")
+    name = "".join(ch for ch in name if ch not in _INVISIBLE and unicodedata.category(ch)[0] != "C").strip(
+        " ."
+    )
     if len(name) > max_length:
         stem, dot, ext = name.rpartition(".")
         if dot and len(ext) <= 10:

@@ -88,8 +88,8 @@ def make_docx(directory: Path, *, core_title: str = "") -> Path:
     document.add_heading("On Debian", level=2)
     document.add_paragraph("Install the driver package.")
     table = document.add_table(rows=2, cols=2)
-    for row, values in zip(table.rows, [("Part", "Quantity"), ("Filter", "2")]):
-        for cell, value in zip(row.cells, values):
+    for row, values in zip(table.rows, [("Part", "Quantity"), ("Filter", "2")], strict=False):
+        for cell, value in zip(row.cells, values, strict=False):
             cell.text = value
     document.add_heading("Maintenance", level=1)
     document.add_paragraph("Clean the filter every month.")

@@ -28,7 +28,9 @@ def _project_urls(resolver: URLResolver | None = None, prefix: str = "") -> list
 
 @pytest.fixture
 def everything(project, owner, tmp_path):  # type: ignore[no-untyped-def]
-    doc = document_add(project=project, stream=SimpleUploadedFile("a.md", b"# A\n\ntext"), name="a.md", size=None).document
+    doc = document_add(
+        project=project, stream=SimpleUploadedFile("a.md", b"# A\n\ntext"), name="a.md", size=None
+    ).document
     pair = pair_create(project=project, instruction="Q", input="", response="A")
     build = build_start(project=project, user=owner)
     membership = project.memberships.get(role=Membership.Role.MEMBER)
@@ -71,7 +73,11 @@ def test_ids_from_another_project_give_404(project, owner, everything):
         if not args:
             continue
         url = reverse(name, args=[other.slug, everything[name]])
-        response = client.get(url) if "delete" not in name and "cancel" not in name and "remove" not in name else client.post(url)
+        response = (
+            client.get(url)
+            if "delete" not in name and "cancel" not in name and "remove" not in name
+            else client.post(url)
+        )
         assert response.status_code in (404, 405), (url, response.status_code)
     assert project.documents.count() == 1 and project.pairs.count() == 1
 
@@ -82,7 +88,13 @@ def test_anonymous_users_are_sent_to_log_in(project, client):
 
 
 def test_a_member_can_use_the_project(project, member_client):
-    for name in ("projects-detail", "projects-documents", "projects-pairs", "training-builds", "projects-members"):
+    for name in (
+        "projects-detail",
+        "projects-documents",
+        "projects-pairs",
+        "training-builds",
+        "projects-members",
+    ):
         assert member_client.get(reverse(name, args=[project.slug])).status_code == 200
 
 
@@ -96,7 +108,9 @@ def test_only_owners_manage_members(project, member, member_client, owner_client
 
 
 def test_inviting_an_unknown_user_says_so(project, owner_client):
-    response = owner_client.post(reverse("projects-members", args=[project.slug]), {"username": "nobody", "role": "member"})
+    response = owner_client.post(
+        reverse("projects-members", args=[project.slug]), {"username": "nobody", "role": "member"}
+    )
     assert "need to sign up first" in response.content.decode()
 
 
@@ -115,7 +129,8 @@ def test_inviting_twice_is_refused(project, owner, member):
 
 def test_signup_creates_an_account_and_logs_in(client, db):
     response = client.post(
-        reverse("signup"), {"username": "erin", "password1": "a-Long-pass-2026", "password2": "a-Long-pass-2026"}
+        reverse("signup"),
+        {"username": "erin", "password1": "a-Long-pass-2026", "password2": "a-Long-pass-2026"},
     )
     assert response.status_code == 302
     assert client.get("/").status_code == 200

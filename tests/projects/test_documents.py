@@ -19,13 +19,13 @@ def _upload(client, project, *paths_or_files, scripted: bool = False):  # type: 
         for f in paths_or_files
     ]
     headers = {"HTTP_X_UPLOAD": "rows"} if scripted else {}
-    return client.post(
-        reverse("projects-documents-upload", args=[project.slug]), {"files": files}, **headers
-    )
+    return client.post(reverse("projects-documents-upload", args=[project.slug]), {"files": files}, **headers)
 
 
 def test_it_stores_and_parses_several_files_at_once(owner_client, project, tmp_path, settings):
-    response = _upload(owner_client, project, fx.make_pdf(tmp_path), fx.make_docx(tmp_path), fx.make_markdown(tmp_path))
+    response = _upload(
+        owner_client, project, fx.make_pdf(tmp_path), fx.make_docx(tmp_path), fx.make_markdown(tmp_path)
+    )
     assert response.status_code == 302
     docs = {d.original_name: d for d in project.documents.all()}
     assert set(docs) == {"guide.pdf", "guide.docx", "guide.md"}
@@ -134,7 +134,9 @@ def test_deleting_a_document_removes_its_files(owner_client, project, tmp_path):
     assert not any(f.exists() for f in files)
 
 
-def test_large_files_are_parsed_by_a_worker(owner_client, project, tmp_path, settings, django_capture_on_commit_callbacks):
+def test_large_files_are_parsed_by_a_worker(
+    owner_client, project, tmp_path, settings, django_capture_on_commit_callbacks
+):
     settings.PARSE_INLINE_MAX_BYTES = 10
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         _upload(owner_client, project, fx.make_markdown(tmp_path))

@@ -356,7 +356,7 @@ def test_pair_key_normalises_case_and_whitespace_only() -> None:
     assert pair_key("Hello World", "", "Fine, thanks") != base
     # The separator keeps field boundaries: moving text between fields changes the key.
     assert pair_key("a", "b", "c") != pair_key("a b", "", "c")
-    expected = hashlib.sha256("hello world\x1f\x1ffine, thanks.".encode()).hexdigest()
+    expected = hashlib.sha256(b"hello world\x1f\x1ffine, thanks.").hexdigest()
     assert base == expected
 
 
@@ -403,9 +403,9 @@ def test_pairs_to_jsonl_format() -> None:
 
 def test_pairs_to_jsonl_round_trips_through_read_pairs() -> None:
     rows = [
-        {"instruction": "Line\nbreaks\r\nand \"quotes\"", "input": "", "response": "ok"},
+        {"instruction": 'Line\nbreaks\r\nand "quotes"', "input": "", "response": "ok"},
         {"instruction": "Unicode ✓ 日本語", "input": "ctx", "response": "a\u2028b\u2029c\x85d"},
-        {"instruction": "Tabs\there", "input": "", "response": "{\"json\": [1]}", "split": "eval"},
+        {"instruction": "Tabs\there", "input": "", "response": '{"json": [1]}', "split": "eval"},
     ]
     text = pairs_to_jsonl(rows)
     assert len(text.splitlines()) == len(rows)  # exotic line breaks stay escaped

@@ -18,7 +18,10 @@ def _jsonl(rows: list[object]) -> bytes:
     return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows).encode()
 
 
-GOOD = [{"instruction": f"How do I reset pump {i}?", "response": f"Hold button {i} for five seconds."} for i in range(30)]
+GOOD = [
+    {"instruction": f"How do I reset pump {i}?", "response": f"Hold button {i} for five seconds."}
+    for i in range(30)
+]
 
 
 def test_it_imports_valid_rows_and_reports_rejected_lines(project):
@@ -47,7 +50,9 @@ def test_it_imports_valid_rows_and_reports_rejected_lines(project):
 
 
 def test_a_file_that_cannot_be_read_imports_nothing(project):
-    report = pairs_import(project=project, data="instruction,response\nä,ö\n".encode("latin-1"), filename="p.csv")
+    report = pairs_import(
+        project=project, data="instruction,response\nä,ö\n".encode("latin-1"), filename="p.csv"
+    )
     assert report.file_error and "UTF-8" in report.file_error
     assert report.added == 0 and not project.pairs.exists()
 
@@ -115,7 +120,10 @@ def test_pairs_can_be_added_edited_deleted_and_exported_in_the_browser_flow(owne
     pair = project.pairs.get()
     assert pair.source == InstructionPair.Source.MANUAL
     edit = reverse("projects-pair-edit", args=[project.slug, pair.pk])
-    assert owner_client.post(edit, {"instruction": "Q1 edited", "input": "", "response": "A1"}).status_code == 302
+    assert (
+        owner_client.post(edit, {"instruction": "Q1 edited", "input": "", "response": "A1"}).status_code
+        == 302
+    )
     pair.refresh_from_db()
     assert pair.instruction == "Q1 edited"
     export = owner_client.get(reverse("projects-pairs-export", args=[project.slug]))

@@ -406,7 +406,10 @@ def test_detect_kind(filename: str, head: bytes, kind: str) -> None:
 
 
 def test_supported_extensions() -> None:
-    assert SUPPORTED_EXTENSIONS == frozenset(".pdf .docx .html .htm .md .markdown .txt .text .csv".split())
+    assert (
+        frozenset([".pdf", ".docx", ".html", ".htm", ".md", ".markdown", ".txt", ".text", ".csv"])
+        == SUPPORTED_EXTENSIONS
+    )
 
 
 @pytest.mark.parametrize(

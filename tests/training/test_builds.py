@@ -47,7 +47,10 @@ def test_a_build_runs_its_steps_and_succeeds(project_with_data, owner, django_ca
     parse, validate = build.steps.all()
     assert (parse.name, parse.status, parse.percent) == ("parse", "succeeded", 100)
     assert parse.metrics["parsed"] == 3 and parse.metrics["newly_read"] == 3
-    assert validate.metrics == {"documents": 3, "train_pairs": 1, "eval_pairs": 0} or validate.metrics["documents"] == 3
+    assert (
+        validate.metrics == {"documents": 3, "train_pairs": 1, "eval_pairs": 0}
+        or validate.metrics["documents"] == 3
+    )
     assert project_with_data.documents.filter(status=Document.Status.PARSED).count() == 3
     messages = list(build.logs.values_list("message", flat=True))
     assert messages[0] == "Build queued." and messages[-1] == "Build finished."
@@ -160,10 +163,12 @@ def test_a_build_with_a_live_worker_is_left_alone(project_with_data, owner):
     assert build.status == Build.Status.RUNNING
 
 
-def test_a_build_that_keeps_losing_its_worker_fails_after_the_last_attempt(project_with_data, owner, settings):
+def test_a_build_that_keeps_losing_its_worker_fails_after_the_last_attempt(
+    project_with_data, owner, settings
+):
     settings.BUILD_MAX_ATTEMPTS = 2
     build = build_start(project=project_with_data, user=owner)
-    for attempt in (1, 2):
+    for _attempt in (1, 2):
         assert build_claim(build_id=build.pk, worker="gone:1")
         Build.objects.filter(pk=build.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
         builds_recover_stale()
@@ -210,7 +215,9 @@ def test_the_cancel_button_cancels(project_with_data, owner, owner_client):
     assert build.status == "cancelled"
 
 
-def test_start_a_build_from_the_project_page(project_with_data, owner_client, django_capture_on_commit_callbacks):
+def test_start_a_build_from_the_project_page(
+    project_with_data, owner_client, django_capture_on_commit_callbacks
+):
     with django_capture_on_commit_callbacks(execute=True):
         response = owner_client.post(reverse("training-build-new", args=[project_with_data.slug]))
     build = project_with_data.builds.get()

@@ -10,6 +10,7 @@ tests/testenv.py); the processes started here get a clean environment with both 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -57,8 +58,7 @@ _SCRUBBED = {
 _DJANGO = "import django; django.setup()\n"
 
 _CREATE_USER = (
-    "from django.contrib.auth.models import User; "
-    "User.objects.create_user('alice', password='pw-alice-123')"
+    "from django.contrib.auth.models import User; User.objects.create_user('alice', password='pw-alice-123')"
 )
 
 # Stores files as documents without parsing them (what a large upload does): they stay "pending"
@@ -107,33 +107,23 @@ class Worker:
 
     def kill(self) -> None:
         """kill -9 the whole group (main process and pool children), as a crash or OOM would."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=10)
         self._log.close()
 
     def stop(self) -> None:
         """SIGTERM (warm shutdown), then SIGKILL after a few seconds. Safe to call twice."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         # The group may outlive its leader (a pool child finishing a task): always sweep it.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
         self._log.close()
 
 
@@ -216,7 +206,7 @@ class Install:
     def build_row(self, build_id: int) -> dict[str, Any]:
         cols = ("status", "attempts", "claimed_by", "error")
         row = self.query(f"SELECT {', '.join(cols)} FROM training_build WHERE id = ?", (build_id,))[0]
-        return dict(zip(cols, row))
+        return dict(zip(cols, row, strict=False))
 
     def step_row(self, build_id: int, name: str) -> dict[str, Any]:
         cols = ("status", "progress_current", "progress_total", "metrics")
@@ -224,7 +214,7 @@ class Install:
             f"SELECT {', '.join(cols)} FROM training_buildstep WHERE build_id = ? AND name = ?",
             (build_id, name),
         )[0]
-        step = dict(zip(cols, row))
+        step = dict(zip(cols, row, strict=False))
         step["metrics"] = json.loads(step["metrics"] or "{}")
         return step
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from training.ml.bundled import BundledModelMissing, bundled_embedding_dir, bundled_llm_gguf
 from slmstudio.lib.cli import JsonCommand
+from training.ml.bundled import BundledModelMissing, bundled_embedding_dir, bundled_llm_gguf
 
 
 class Command(JsonCommand):
