@@ -224,3 +224,4 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 # Tests that run builds inside a test transaction turn the heartbeat thread off.
 BUILD_HEARTBEAT_THREAD = env_bool("BUILD_HEARTBEAT_THREAD", True)
+CSRF_FAILURE_VIEW = "slmstudio.views.csrf_failure"

@@ -17,3 +17,15 @@ def signup(request: HttpRequest) -> HttpResponse:
         login(request, user)
         return redirect("projects-home")
     return render(request, "registration/signup.html", {"form": form})
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """A stale token (log-out in another tab) gets a page that says what to do, not a bare 403.
+
+    htmx requests get the same text without the page frame, so it is not swapped into a table.
+    """
+    if request.headers.get("HX-Request"):
+        return HttpResponse(
+            "Your page was out of date. Reload the page and try again.", status=403, content_type="text/plain"
+        )
+    return render(request, "403_csrf.html", status=403)

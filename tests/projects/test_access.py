@@ -141,3 +141,26 @@ def test_creating_a_project_makes_the_creator_its_owner(owner_client, owner):
     response = owner_client.post(reverse("projects-new"), {"name": "Field ops", "description": ""})
     assert response.status_code == 302
     assert owner.memberships.get(project__slug="field-ops").role == "owner"
+
+
+def test_a_post_without_a_csrf_token_is_refused_with_advice(project, owner):
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(owner)
+    response = client.post(
+        reverse("projects-pairs", args=[project.slug]), {"instruction": "Q", "response": "A"}
+    )
+    assert response.status_code == 403 and "Reload the page" in response.content.decode()
+    htmx = client.post(reverse("projects-pairs", args=[project.slug]), HTTP_HX_REQUEST="true")
+    assert htmx.status_code == 403 and "<html" not in htmx.content.decode()
+    assert not project.pairs.exists()
+
+
+def test_too_many_files_in_one_upload_is_refused_and_nothing_is_stored(project, owner_client, settings):
+    settings.DATA_UPLOAD_MAX_NUMBER_FILES = 2
+    files = [SimpleUploadedFile(f"n{i}.md", f"# N{i}\n\ntext {i}".encode()) for i in range(3)]
+    response = owner_client.post(reverse("projects-documents-upload", args=[project.slug]), {"files": files})
+    assert response.status_code == 400
+    assert "too many files" in response.content.decode()
+    assert not project.documents.exists()
