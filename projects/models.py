@@ -75,6 +75,8 @@ class Document(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     parse_started_at = models.DateTimeField(null=True, blank=True)
+    # "host:pid" of the process parsing it, so a parse whose process died can be handed back.
+    parsing_by = models.CharField(max_length=200, blank=True)
     parsed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

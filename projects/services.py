@@ -23,6 +23,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from slmstudio.lib.files import atomic_copy_stream, atomic_write_bytes, display_name, extension
+from slmstudio.lib.workers import worker_id, worker_is_dead
 
 from . import pairformats
 from .models import Document, InstructionPair, Membership, Project
@@ -180,7 +181,7 @@ def document_parse(*, document_id: int, force: bool = False) -> Document | None:
     """
     claimable = [Document.Status.PENDING] + ([Document.Status.FAILED] if force else [])
     claimed = Document.objects.filter(pk=document_id, status__in=claimable).update(
-        status=Document.Status.PARSING, parse_started_at=timezone.now(), error=""
+        status=Document.Status.PARSING, parse_started_at=timezone.now(), parsing_by=worker_id(), error=""
     )
     if not claimed:
         return None
@@ -236,14 +237,26 @@ def document_delete(*, document: Document) -> None:
         path.unlink(missing_ok=True)
 
 
+def documents_reset_stale(*, documents: QuerySet[Document], stale_after: timedelta) -> int:
+    """Hand parses whose process died (or that ran past `stale_after`) back to "pending"."""
+    cutoff = timezone.now() - stale_after
+    reset = 0
+    for doc in documents.filter(status=Document.Status.PARSING).only("parse_started_at", "parsing_by"):
+        started = doc.parse_started_at
+        if (started is None or started < cutoff) or worker_is_dead(doc.parsing_by):
+            # Guarded by what we saw, so a parse that just finished is not handed back.
+            reset += Document.objects.filter(
+                pk=doc.pk, status=Document.Status.PARSING, parse_started_at=started
+            ).update(status=Document.Status.PENDING)
+    return reset
+
+
 def documents_requeue_stale(*, stale_after: timedelta) -> list[int]:
     """Re-queue documents whose parse was lost (a killed worker, a message the broker dropped)."""
     from .tasks import parse_document_task
 
+    documents_reset_stale(documents=Document.objects.all(), stale_after=stale_after)
     cutoff = timezone.now() - stale_after
-    Document.objects.filter(status=Document.Status.PARSING, parse_started_at__lt=cutoff).update(
-        status=Document.Status.PENDING
-    )
     ids = list(
         Document.objects.filter(status=Document.Status.PENDING, created_at__lt=cutoff).values_list(
             "pk", flat=True

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -19,15 +17,12 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from projects.models import Project
+from slmstudio.lib.workers import worker_id, worker_is_dead
 
 from .models import Build, BuildLog, BuildStep
 from .steps import DEFAULT_RECIPE, STEP_RUNNERS, BuildCancelled, StepContext, StepError
 
 log = logging.getLogger(__name__)
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @transaction.atomic
@@ -204,27 +199,6 @@ class _Heartbeat:
             connection.close()
 
 
-def _worker_is_dead(claimed_by: str) -> bool:
-    """True when `claimed_by` names a process on this host that no longer exists."""
-    host, _, pid = claimed_by.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    # A killed process its parent has not reaped yet is a zombie, and kill(pid, 0) still succeeds.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True  # reaped between the two checks
-    except OSError:
-        return False  # no /proc: keep the answer kill() gave
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
-
-
 def builds_recover_stale() -> list[int]:
     """Find running builds whose worker is gone and re-queue them (or give up after N attempts).
 
@@ -239,7 +213,7 @@ def builds_recover_stale() -> list[int]:
         | Q(heartbeat_at__isnull=True)
         | Q(claimed_by__startswith=f"{socket.gethostname()}:")
     ):
-        if build.heartbeat_at and build.heartbeat_at >= cutoff and not _worker_is_dead(build.claimed_by):
+        if build.heartbeat_at and build.heartbeat_at >= cutoff and not worker_is_dead(build.claimed_by):
             continue
         if _build_requeue(build):
             requeued.append(build.pk)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.utils import timezone
 
 from projects.models import Document, InstructionPair
-from projects.services import document_parse
+from projects.services import document_parse, documents_reset_stale
 
 from .models import Build, BuildLog, BuildStep
 
@@ -89,38 +90,45 @@ def register(name: str, label: str) -> Callable[[StepRunner], StepRunner]:
 
 @register("parse", "Read documents")
 def parse_step(ctx: StepContext) -> dict:
-    """Parse every document that is not read yet (uploads waiting for a worker, lost parses)."""
+    """Parse every document not read yet: uploads waiting for a worker, and parses that were lost."""
     project = ctx.build.project
-    ids = list(
-        project.documents.filter(status__in=[Document.Status.PENDING, Document.Status.PARSING]).values_list(
-            "pk", flat=True
-        )
-    )
-    # A document stuck in "parsing" lost its worker; hand it back so this step can claim it.
-    project.documents.filter(pk__in=ids, status=Document.Status.PARSING).update(
-        status=Document.Status.PENDING
-    )
-    failed = 0
-    ctx.progress(0, len(ids), f"0 of {len(ids)} new documents read", force=True)
-    for i, pk in enumerate(ids, start=1):
+    stale_after = timedelta(seconds=settings.BUILD_STALE_SECONDS)
+    read = failed = 0
+
+    def parse_waiting() -> None:
+        nonlocal read, failed
+        documents_reset_stale(documents=project.documents.all(), stale_after=stale_after)
+        waiting = list(project.documents.filter(status=Document.Status.PENDING).values_list("pk", flat=True))
+        for pk in waiting:
+            ctx.check_cancel()
+            document = document_parse(document_id=pk)
+            if document is None:  # another worker claimed it first
+                continue
+            read += 1
+            if document.status == Document.Status.FAILED:
+                failed += 1
+                ctx.log(f"{document.original_name}: {document.error}", level="warning")
+            total = read + project.documents.filter(status=Document.Status.PENDING).count()
+            ctx.progress(read, total, f"{read} of {total} new documents read")
+
+    ctx.progress(0, 0, "Looking for documents to read", force=True)
+    parse_waiting()
+    # Parses running elsewhere (an upload handed to a worker) must end before later steps use
+    # the text; a parse whose process died is handed back and read here.
+    while project.documents.filter(status=Document.Status.PARSING).exists():
         ctx.check_cancel()
-        document = document_parse(document_id=pk)
-        if document is not None and document.status == Document.Status.FAILED:
-            failed += 1
-            ctx.log(f"{document.original_name}: {document.error}", level="warning")
-        ctx.progress(i, len(ids), f"{i} of {len(ids)} new documents read")
+        time.sleep(0.5)
+        parse_waiting()
     parsed = project.documents.filter(status=Document.Status.PARSED)
     metrics = {
         "documents": project.documents.count(),
         "parsed": parsed.count(),
         "failed": project.documents.filter(status=Document.Status.FAILED).count(),
-        "newly_read": len(ids) - failed,
+        "newly_read": read - failed,
         "pages": sum(d.page_count or 0 for d in parsed.only("page_count")),
         "sections": sum(d.section_count for d in parsed.only("section_count")),
     }
-    ctx.progress(
-        len(ids), len(ids), f"{metrics['parsed']} documents ready, {metrics['failed']} failed", force=True
-    )
+    ctx.progress(read, read, f"{metrics['parsed']} documents ready, {metrics['failed']} failed", force=True)
     return metrics
 
 

@@ -229,14 +229,29 @@ def test_start_a_build_from_the_project_page(
 def test_a_killed_but_unreaped_worker_counts_as_dead():
     import signal
 
-    from training.services import _worker_is_dead
+    from slmstudio.lib.workers import worker_is_dead
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert not _worker_is_dead(f"{socket.gethostname()}:{proc.pid}")
+        assert not worker_is_dead(f"{socket.gethostname()}:{proc.pid}")
         proc.send_signal(signal.SIGKILL)
         time.sleep(0.3)  # dead, but not waited for: a zombie that kill(pid, 0) still finds
-        assert _worker_is_dead(f"{socket.gethostname()}:{proc.pid}")
+        assert worker_is_dead(f"{socket.gethostname()}:{proc.pid}")
     finally:
         proc.wait()
-    assert not _worker_is_dead(f"another-host:{proc.pid}")
+    assert not worker_is_dead(f"another-host:{proc.pid}")
+
+
+def test_the_parse_step_takes_over_a_parse_whose_process_died(project_with_data, owner):
+    doc = project_with_data.documents.first()
+    Document.objects.filter(pk=doc.pk).update(
+        status=Document.Status.PARSING,
+        parse_started_at=timezone.now(),
+        parsing_by=f"{socket.gethostname()}:{_dead_pid()}",
+    )
+    build = build_start(project=project_with_data, user=owner)
+    build_run(build_id=build.pk)
+    build.refresh_from_db()
+    assert build.status == "succeeded", build.error
+    assert project_with_data.documents.filter(status=Document.Status.PARSED).count() == 3
+    assert build.steps.get(name="parse").metrics["newly_read"] == 3
