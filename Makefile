@@ -22,17 +22,19 @@ $(VENV)/.base: requirements/base.txt | $(PY)
 
 # torch==2.13.0 is the CPU build on this disk; llama-cpp-python compiles once (about 7 minutes
 # on 2 cores), then pip's cache reuses the wheel.
+# One resolve over every file a stamp needs, so pip weighs all pins together (chromadb's
+# kubernetes client against celery's python-dateutil pin, for one).
 $(VENV)/.ml: requirements/ml.txt $(VENV)/.base
-	$(PIP) install -r requirements/ml.txt
+	$(PIP) install -r requirements/base.txt -r requirements/ml.txt
 	touch $@
 
-$(VENV)/.test: requirements/test.txt $(VENV)/.base
-	$(PIP) install -r requirements/test.txt
+$(VENV)/.test: requirements/test.txt $(VENV)/.ml
+	$(PIP) install -r requirements/base.txt -r requirements/ml.txt -r requirements/test.txt
 	touch $@
 
 install: $(VENV)/.base $(VENV)/.ml
 
-install-test: $(VENV)/.base $(VENV)/.test
+install-test: $(VENV)/.base $(VENV)/.ml $(VENV)/.test
 
 # Real services for the tests come from Debian: Redis and PostgreSQL servers the tests start
 # themselves on free ports, and Chromium for the browser tests (driven by Playwright with

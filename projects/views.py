@@ -56,7 +56,9 @@ def project_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         "documents": documents,
         "pairs": pairs,
         "has_data": documents["parsed"] + pairs["train"] + pairs["eval"] > 0,
+        "has_documents": documents["parsed"] > 0,
         "latest_build": project.builds.first(),
+        "latest_version": project.model_versions.first(),
     }
     return render(request, "projects/project_detail.html", context)
 

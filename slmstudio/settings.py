@@ -78,6 +78,7 @@ INSTALLED_APPS = [
     "slmstudio",
     "projects",
     "training",
+    "inference",
 ]
 
 MIDDLEWARE = [

@@ -4,6 +4,8 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from inference import views as inference_views
+
 from . import views
 
 urlpatterns = [
@@ -13,4 +15,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("projects.urls")),
     path("p/<slug:slug>/builds/", include("training.urls")),
+    path("p/<slug:slug>/models/", include("inference.urls")),
+    path("settings/", inference_views.settings_page, name="inference-settings"),
+    path("settings/tokens/<int:pk>/revoke/", inference_views.token_revoke, name="inference-token-revoke"),
+    path("v1/", include("inference.api_urls")),
 ]

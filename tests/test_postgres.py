@@ -51,7 +51,7 @@ def test_the_app_runs_on_postgresql(tmp_path):
         )
         report = manage("importpairs", slug, str(pairs))
         assert report["added"] == 20 and report["train"] + report["eval"] == 20
-        build = manage("build", slug, "--wait", "--timeout", "60")
+        build = manage("build", slug, "--recipe", "check", "--wait", "--timeout", "60")
         assert build["status"] == "succeeded", build
-        assert build["steps"][0]["metrics"]["parsed"] == 2
+        assert build["metrics"]["parse"]["parsed"] == 2
         assert manage("makemigrations", "--check", "--dry-run") == {}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
@@ -23,6 +25,7 @@ class Build(models.Model):
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="builds")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    recipe = models.CharField(max_length=40, default="check")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     error = models.TextField(blank=True)
     # Times the build has been claimed by a worker: the first run plus resumes after a lost worker.
@@ -78,6 +81,8 @@ class BuildStep(models.Model):
     # The step's key number as it arrives ("12 of 40 documents read"), shown beside its bar.
     message = models.CharField(max_length=300, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    # Paths of what the step produced, relative to DATA_DIR (e.g. {"index_dir": "builds/3/1-rag/index"}).
+    outputs = models.JSONField(default=dict, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
 
@@ -108,3 +113,58 @@ class BuildLog(models.Model):
 
     def __str__(self) -> str:
         return self.message[:80]
+
+
+class ModelVersion(models.Model):
+    """What a successful build produced: immutable, chatted with, evaluated, downloaded."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="model_versions")
+    build = models.OneToOneField(
+        Build, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_version"
+    )
+    number = models.PositiveIntegerField()
+    recipe = models.CharField(max_length=40)
+    base_model = models.CharField(max_length=200)
+    # Paths relative to DATA_DIR, or absolute for files that ship with the installation
+    # (the bundled GGUF lives in site-packages and is never copied).
+    gguf_path = models.CharField(max_length=500)
+    index_dir = models.CharField(max_length=500, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "number"], name="modelversion_unique_number")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def name(self) -> str:
+        return f"{self.project.name} v{self.number}"
+
+    @property
+    def api_id(self) -> str:
+        """The model id clients pass to the OpenAI-compatible API."""
+        return f"{self.project.slug}/v{self.number}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("inference-chat", args=[self.project.slug, self.number])
+
+    def _resolve(self, stored: str) -> Path | None:
+        if not stored:
+            return None
+        path = Path(stored)
+        return path if path.is_absolute() else Path(settings.DATA_DIR) / path
+
+    @property
+    def gguf_file(self) -> Path:
+        path = self._resolve(self.gguf_path)
+        assert path is not None
+        return path
+
+    @property
+    def index_path(self) -> Path | None:
+        return self._resolve(self.index_dir)

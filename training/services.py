@@ -12,31 +12,39 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
-from django.db.models import F, Q, Value
+from django.db.models import F, Max, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from projects.models import Project
 from slmstudio.lib.workers import worker_id, worker_is_dead
 
-from .models import Build, BuildLog, BuildStep
-from .steps import DEFAULT_RECIPE, STEP_RUNNERS, BuildCancelled, StepContext, StepError
+from .models import Build, BuildLog, BuildStep, ModelVersion
+from .recipes import DEFAULT_RECIPE, RECIPES
+from .steps import STEP_RUNNERS, BuildCancelled, StepContext, StepError
 
 log = logging.getLogger(__name__)
 
 
 @transaction.atomic
 def build_start(
-    *, project: Project, user: AbstractBaseUser | None, recipe: list[dict] | None = None
+    *,
+    project: Project,
+    user: AbstractBaseUser | None,
+    recipe: str = DEFAULT_RECIPE,
+    steps: list[dict] | None = None,
 ) -> Build:
-    recipe = recipe or DEFAULT_RECIPE
-    unknown = [s["name"] for s in recipe if s["name"] not in STEP_RUNNERS]
+    """Create a build of `recipe` (or of explicit `steps`) and queue it once the row is committed."""
+    if recipe not in RECIPES and steps is None:
+        raise ValidationError(f"Unknown recipe “{recipe}”. Known: {', '.join(RECIPES)}.")
+    step_list = steps if steps is not None else RECIPES[recipe].step_list()
+    unknown = [s["name"] for s in step_list if s["name"] not in STEP_RUNNERS]
     if unknown:
         raise ValidationError(f"Unknown build step: {', '.join(unknown)}.")
-    build = Build.objects.create(project=project, created_by=user)
+    build = Build.objects.create(project=project, created_by=user, recipe=recipe)
     BuildStep.objects.bulk_create(
         BuildStep(build=build, index=i, name=s["name"], params=s.get("params", {}))
-        for i, s in enumerate(recipe)
+        for i, s in enumerate(step_list)
     )
     BuildLog.objects.create(build=build, message="Build queued.")
     from .tasks import run_build_task
@@ -98,7 +106,12 @@ def build_run(*, build_id: int) -> None:
                 _step_started(step)
                 metrics = STEP_RUNNERS[step.name](ctx)
                 _step_finished(step, BuildStep.Status.SUCCEEDED, metrics)
-            _build_finished(build, me, Build.Status.SUCCEEDED)
+            with transaction.atomic():
+                version = _version_create(build)
+                _build_finished(
+                    build, me, Build.Status.SUCCEEDED,
+                    note=f"Build finished: {version.name} is ready." if version else "",
+                )  # fmt: skip
         except BuildCancelled:
             _step_finished(step, BuildStep.Status.CANCELLED)
             _build_finished(build, me, Build.Status.CANCELLED, note="Build cancelled.")
@@ -119,6 +132,34 @@ def build_run(*, build_id: int) -> None:
                 build, me, Build.Status.FAILED,
                 error=f"Step “{label}” stopped with an unexpected error: {exc.__class__.__name__}: {exc}",
             )  # fmt: skip
+
+
+def _version_create(build: Build) -> ModelVersion | None:
+    """Record the model a finished build produced (once, even if the end is reached twice)."""
+    recipe = RECIPES.get(build.recipe)
+    if recipe is None or not recipe.produces_model:
+        return None
+    existing = ModelVersion.objects.filter(build=build).first()
+    if existing:
+        return existing
+    from .ml.bundled import bundled_llm_gguf
+
+    outputs: dict[str, str] = {}
+    metrics: dict[str, dict] = {}
+    for step in build.steps.all():
+        outputs |= step.outputs
+        metrics[step.name] = step.metrics
+    number = (build.project.model_versions.aggregate(n=Max("number"))["n"] or 0) + 1
+    return ModelVersion.objects.create(
+        project=build.project,
+        build=build,
+        number=number,
+        recipe=build.recipe,
+        base_model="SmolLM2-135M-Instruct (bundled, Q4_1)",
+        gguf_path=str(bundled_llm_gguf().path),
+        index_dir=outputs.get("index_dir", ""),
+        metrics=metrics,
+    )
 
 
 def _step_started(step: BuildStep) -> None:

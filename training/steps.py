@@ -6,6 +6,7 @@ quantize, ...) register here; their heavy work lives in Django-free code under t
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from projects.models import Document, InstructionPair
-from projects.services import document_parse, documents_reset_stale
+from projects.services import document_parse, document_parsed, documents_reset_stale
 
 from .models import Build, BuildLog, BuildStep
 
@@ -58,19 +59,28 @@ class StepContext:
         BuildStep.objects.filter(pk=self.step.pk).update(**{f: getattr(self.step, f) for f in fields})
         Build.objects.filter(pk=self.build.pk).update(heartbeat_at=timezone.now())
 
+    def output(self, name: str, path: Path) -> None:
+        """Record something the step produced, as a path relative to DATA_DIR."""
+        relative = str(path.relative_to(settings.DATA_DIR))
+        self.step.outputs = self.step.outputs | {name: relative}
+        BuildStep.objects.filter(pk=self.step.pk).update(outputs=self.step.outputs)
+
     def log(self, message: str, level: str = "info") -> None:
         BuildLog.objects.create(build=self.build, level=level, message=message)
 
-    def check_cancel(self, *, force: bool = False) -> None:
-        """Raise BuildCancelled if the user asked to stop. Cheap to call in a tight loop."""
+    def cancel_requested(self, *, force: bool = False) -> bool:
+        """Whether the user asked to stop. Cheap to call in a tight loop: reads at most once a second."""
         now = time.monotonic()
         if not force and now - self._last_cancel_check < WRITE_EVERY_SECONDS:
-            return
+            return False
         self._last_cancel_check = now
-        requested = (
+        return bool(
             Build.objects.filter(pk=self.build.pk).values_list("cancel_requested_at", flat=True).first()
         )
-        if requested:
+
+    def check_cancel(self, *, force: bool = False) -> None:
+        """Raise BuildCancelled if the user asked to stop."""
+        if self.cancel_requested(force=force):
             raise BuildCancelled
 
 
@@ -153,4 +163,59 @@ def validate_step(ctx: StepContext) -> dict:
     return {"documents": documents, "train_pairs": train, "eval_pairs": eval_}
 
 
-DEFAULT_RECIPE: list[dict] = [{"name": "parse"}, {"name": "validate"}]
+@register("rag", "Index documents for retrieval")
+def rag_step(ctx: StepContext) -> dict:
+    """Split every readable document into passages and index them for hybrid retrieval."""
+    from .embedding import shared_embedder
+    from .ml import rag
+
+    project = ctx.build.project
+    params = ctx.step.params
+    config = rag.ChunkConfig(
+        chunk_chars=int(params.get("chunk_chars", rag.ChunkConfig.chunk_chars)),
+        overlap_chars=int(params.get("overlap_chars", rag.ChunkConfig.overlap_chars)),
+    )
+    documents = list(project.documents.filter(status=Document.Status.PARSED).order_by("pk"))
+    if not documents:
+        raise StepError(
+            "There are no readable documents to index. Upload documents (PDF, Word, HTML, Markdown, "
+            "text or CSV), then build again."
+        )
+    chunks: list[rag.Chunk] = []
+    for i, document in enumerate(documents, start=1):
+        ctx.check_cancel()
+        parsed = document_parsed(document=document)
+        if parsed is None:
+            ctx.log(f"{document.original_name}: its extracted text is missing; skipped.", level="warning")
+            continue
+        title = document.title or document.original_name
+        chunks += rag.chunk_document(document.pk, title, parsed.sections, config)
+        ctx.progress(i, len(documents), f"{i} of {len(documents)} documents split into passages")
+    ctx.log(f"{len(chunks)} passages from {len(documents)} documents; embedding them.")
+    ctx.progress(0, len(chunks), "Loading the embedding model", force=True)
+    embedder = shared_embedder()
+    out = ctx.workdir / "index"
+    if out.exists():  # left by an attempt whose worker was lost; nothing refers to it
+        shutil.rmtree(out)
+    try:
+        stats = rag.build_index(
+            chunks,
+            out,
+            embedder,
+            config=config,
+            progress=lambda done, total: ctx.progress(done, total, f"{done} of {total} passages embedded"),
+            should_stop=ctx.cancel_requested,
+        )
+    except rag.IndexBuildStopped:
+        raise BuildCancelled from None
+    ctx.output("index_dir", out)
+    ctx.progress(stats.chunks, stats.chunks, f"{stats.chunks} passages indexed", force=True)
+    return {
+        "documents": stats.documents,
+        "chunks": stats.chunks,
+        "embedding_model": stats.embedding_model,
+        "seconds": round(stats.seconds, 2),
+        "chunks_per_second": round(stats.chunks / stats.seconds, 1) if stats.seconds else None,
+        "chunk_chars": config.chunk_chars,
+        "overlap_chars": config.overlap_chars,
+    }

@@ -12,7 +12,8 @@ from projects.http import project_context, project_or_404
 from slmstudio.http import AuthenticatedRequest
 
 from . import services
-from .models import Build
+from .models import Build, ModelVersion
+from .recipes import DEFAULT_RECIPE, RECIPES
 from .steps import STEP_LABELS
 
 
@@ -21,6 +22,7 @@ from .steps import STEP_LABELS
 def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     project = project_or_404(request, slug)
     context = project_context(request, project, "builds") | {
+        "recipes": RECIPES.values(),
         "builds": project.builds.select_related("created_by")[:100],
     }
     return render(request, "training/builds.html", context)
@@ -30,8 +32,9 @@ def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @require_POST
 def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     project = project_or_404(request, slug)
+    recipe = request.POST.get("recipe") or DEFAULT_RECIPE
     try:
-        build = services.build_start(project=project, user=request.user)
+        build = services.build_start(project=project, user=request.user, recipe=recipe)
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
         return redirect("training-builds", slug=project.slug)
@@ -46,6 +49,8 @@ def build_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
     build = get_object_or_404(Build, pk=pk, project=project)
     context = project_context(request, project, "builds") | {
         "build": build,
+        "recipe": RECIPES.get(build.recipe),
+        "version": ModelVersion.objects.filter(build=build).first(),
         "steps": [(step, STEP_LABELS.get(step.name, step.name)) for step in build.steps.all()],
         "logs": list(build.logs.order_by("-id")[:200])[::-1],
     }

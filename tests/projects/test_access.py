@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
+from inference.models import Conversation, Message
 from projects.models import Membership
 from projects.services import document_add, membership_invite, pair_create, project_create
 from tests.conftest import client_for
+from training.models import ModelVersion
 from training.services import build_start
 
 pytestmark = pytest.mark.django_db
@@ -22,7 +26,7 @@ def _project_urls(resolver: URLResolver | None = None, prefix: str = "") -> list
         elif isinstance(entry, URLPattern) and entry.name:
             route = prefix + str(entry.pattern)
             if "<slug:slug>" in route:
-                found.append((entry.name, [a for a in ("pk",) if f"<int:{a}>" in route]))
+                found.append((entry.name, re.findall(r"<int:(\w+)>", route)))
     return found
 
 
@@ -32,13 +36,19 @@ def everything(project, owner, tmp_path):  # type: ignore[no-untyped-def]
         project=project, stream=SimpleUploadedFile("a.md", b"# A\n\ntext"), name="a.md", size=None
     ).document
     pair = pair_create(project=project, instruction="Q", input="", response="A")
-    build = build_start(project=project, user=owner)
+    build = build_start(project=project, user=owner, recipe="check")
     membership = project.memberships.get(role=Membership.Role.MEMBER)
+    version = ModelVersion.objects.create(
+        project=project, build=build, number=1, recipe="rag", base_model="x", gguf_path="/nonexistent.gguf"
+    )
+    conversation = Conversation.objects.create(version=version, user=owner, title="Q")
+    question = Message.objects.create(conversation=conversation, role="user", content="Q?")
     ids = {
         "projects-document": doc.pk, "projects-document-row": doc.pk, "projects-document-delete": doc.pk,
         "projects-pair-edit": pair.pk, "projects-pair-delete": pair.pk,
         "projects-member-remove": membership.pk,
         "training-build-detail": build.pk, "training-build-cancel": build.pk,
+        "number": version.number, "conversation": conversation.pk, "message": question.pk,
     }  # fmt: skip
     return ids
 
@@ -51,7 +61,7 @@ def test_the_url_list_covers_every_project_page():
 
 def test_an_outsider_gets_404_on_every_project_url(project, outsider_client, everything):
     for name, args in _project_urls():
-        url = reverse(name, args=[project.slug] + [everything[name] for _ in args])
+        url = reverse(name, args=[project.slug] + [everything.get(a, everything.get(name)) for a in args])
         for method in ("get", "post"):
             response = getattr(outsider_client, method)(url)
             # 405 answers a wrong method before any lookup; the right method must give 404.
@@ -72,7 +82,7 @@ def test_ids_from_another_project_give_404(project, owner, everything):
     for name, args in _project_urls():
         if not args:
             continue
-        url = reverse(name, args=[other.slug, everything[name]])
+        url = reverse(name, args=[other.slug] + [everything.get(a, everything.get(name)) for a in args])
         response = (
             client.get(url)
             if "delete" not in name and "cancel" not in name and "remove" not in name

@@ -40,7 +40,7 @@ def _dead_pid() -> int:
 
 def test_a_build_runs_its_steps_and_succeeds(project_with_data, owner, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
-        build = build_start(project=project_with_data, user=owner)
+        build = build_start(project=project_with_data, user=owner, recipe="check")
     build.refresh_from_db()
     assert build.status == Build.Status.SUCCEEDED, build.error
     assert build.attempts == 1 and build.started_at and build.ended_at and not build.error
@@ -57,7 +57,7 @@ def test_a_build_runs_its_steps_and_succeeds(project_with_data, owner, django_ca
 
 
 def test_a_build_is_claimed_once(project_with_data, owner):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     assert build_claim(build_id=build.pk, worker="a:1")
     assert not build_claim(build_id=build.pk, worker="b:2")
     build.refresh_from_db()
@@ -65,7 +65,7 @@ def test_a_build_is_claimed_once(project_with_data, owner):
 
 
 def test_a_second_delivery_of_the_same_message_does_nothing(project_with_data, owner):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     build_run(build_id=build.pk)
     build.refresh_from_db()
     finished = (build.status, build.ended_at, build.logs.count())
@@ -75,7 +75,7 @@ def test_a_second_delivery_of_the_same_message_does_nothing(project_with_data, o
 
 
 def test_a_build_without_data_fails_with_a_readable_reason(project, owner):
-    build = build_start(project=project, user=owner)
+    build = build_start(project=project, user=owner, recipe="check")
     build_run(build_id=build.pk)
     build.refresh_from_db()
     assert build.status == Build.Status.FAILED
@@ -84,7 +84,7 @@ def test_a_build_without_data_fails_with_a_readable_reason(project, owner):
 
 
 def test_cancelling_a_queued_build_stops_it_before_it_starts(project_with_data, owner):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     build_cancel(build=build)
     build_run(build_id=build.pk)
     build.refresh_from_db()
@@ -105,7 +105,7 @@ def test_cancelling_a_running_build_stops_it_within_a_second(project_with_data, 
         return {}
 
     monkeypatch.setitem(steps_module.STEP_RUNNERS, "slow", slow_step)
-    build = build_start(project=project_with_data, user=owner, recipe=[{"name": "parse"}, {"name": "slow"}])
+    build = build_start(project=project_with_data, user=owner, steps=[{"name": "parse"}, {"name": "slow"}])
     build_run(build_id=build.pk)
     build.refresh_from_db()
     assert build.status == Build.Status.CANCELLED
@@ -120,7 +120,7 @@ def test_an_unexpected_error_fails_the_build_and_names_the_step(project_with_dat
         raise RuntimeError("boom")
 
     monkeypatch.setitem(steps_module.STEP_RUNNERS, "broken", broken)
-    build = build_start(project=project_with_data, user=owner, recipe=[{"name": "broken"}])
+    build = build_start(project=project_with_data, user=owner, steps=[{"name": "broken"}])
     build_run(build_id=build.pk)
     build.refresh_from_db()
     assert build.status == "failed" and "broken" in build.error and "boom" in build.error
@@ -129,7 +129,7 @@ def test_an_unexpected_error_fails_the_build_and_names_the_step(project_with_dat
 def test_a_stale_build_is_requeued_and_resumes_after_its_last_finished_step(
     project_with_data, owner, django_capture_on_commit_callbacks
 ):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     assert build_claim(build_id=build.pk, worker="elsewhere:123")
     parse = build.steps.get(name="parse")
     parse.status, parse.metrics = BuildStep.Status.SUCCEEDED, {"marker": "kept"}
@@ -146,7 +146,7 @@ def test_a_stale_build_is_requeued_and_resumes_after_its_last_finished_step(
 
 
 def test_a_build_whose_local_worker_died_is_requeued_without_waiting(project_with_data, owner):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     assert build_claim(build_id=build.pk, worker=f"{socket.gethostname()}:{_dead_pid()}")
     assert builds_recover_stale() == [build.pk]
     build.refresh_from_db()
@@ -156,7 +156,7 @@ def test_a_build_whose_local_worker_died_is_requeued_without_waiting(project_wit
 def test_a_build_with_a_live_worker_is_left_alone(project_with_data, owner):
     import os
 
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     assert build_claim(build_id=build.pk, worker=f"{socket.gethostname()}:{os.getpid()}")
     assert builds_recover_stale() == []
     build.refresh_from_db()
@@ -167,7 +167,7 @@ def test_a_build_that_keeps_losing_its_worker_fails_after_the_last_attempt(
     project_with_data, owner, settings
 ):
     settings.BUILD_MAX_ATTEMPTS = 2
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     for _attempt in (1, 2):
         assert build_claim(build_id=build.pk, worker="gone:1")
         Build.objects.filter(pk=build.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
@@ -178,7 +178,7 @@ def test_a_build_that_keeps_losing_its_worker_fails_after_the_last_attempt(
 
 
 def test_a_cancelling_build_whose_worker_died_ends_cancelled(project_with_data, owner):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     build_claim(build_id=build.pk, worker="gone:1")
     build_cancel(build=build)
     Build.objects.filter(pk=build.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
@@ -188,14 +188,14 @@ def test_a_cancelling_build_whose_worker_died_ends_cancelled(project_with_data, 
 
 
 def test_a_crashed_task_marks_the_build_failed(project_with_data, owner):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     _run_build_failure(None, MemoryError("out of memory"), "task-id", (build.pk,), {}, None)
     build.refresh_from_db()
     assert build.status == "failed" and "MemoryError" in build.error
 
 
 def test_the_build_page_polls_until_the_build_ends(project_with_data, owner, owner_client):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     url = reverse("training-build-detail", args=[project_with_data.slug, build.pk])
     page = owner_client.get(url).content.decode()
     assert 'hx-trigger="every 2s"' in page and "Cancel build" in page
@@ -209,7 +209,7 @@ def test_the_build_page_polls_until_the_build_ends(project_with_data, owner, own
 
 
 def test_the_cancel_button_cancels(project_with_data, owner, owner_client):
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     owner_client.post(reverse("training-build-cancel", args=[project_with_data.slug, build.pk]))
     build.refresh_from_db()
     assert build.status == "cancelled"
@@ -249,7 +249,7 @@ def test_the_parse_step_takes_over_a_parse_whose_process_died(project_with_data,
         parse_started_at=timezone.now(),
         parsing_by=f"{socket.gethostname()}:{_dead_pid()}",
     )
-    build = build_start(project=project_with_data, user=owner)
+    build = build_start(project=project_with_data, user=owner, recipe="check")
     build_run(build_id=build.pk)
     build.refresh_from_db()
     assert build.status == "succeeded", build.error

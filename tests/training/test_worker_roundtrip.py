@@ -255,11 +255,11 @@ def _assert_round_trip(install: Install, worker: Worker, result: subprocess.Comp
     assert result.returncode == 0, install.report(f"build did not succeed: {result.stdout}")
     out = json.loads(result.stdout)
     assert out["status"] == "succeeded", install.report(f"build output: {out}")
-    steps = {s["name"]: s for s in out["steps"]}
-    assert steps["parse"]["status"] == "succeeded", install.report(f"build output: {out}")
-    assert steps["parse"]["metrics"]["parsed"] == 2, install.report(f"build output: {out}")
-    assert steps["parse"]["metrics"]["newly_read"] == 2, install.report(f"build output: {out}")
-    assert steps["validate"]["metrics"]["documents"] == 2, install.report(f"build output: {out}")
+    metrics = out["metrics"]
+    assert out["model_version"] is None, install.report(f"build output: {out}")
+    assert metrics["parse"]["parsed"] == 2, install.report(f"build output: {out}")
+    assert metrics["parse"]["newly_read"] == 2, install.report(f"build output: {out}")
+    assert metrics["validate"]["documents"] == 2, install.report(f"build output: {out}")
     assert sorted(install.document_statuses().values()) == ["parsed", "parsed"], install.report("documents")
     build = install.build_row(out["build"])
     assert build["attempts"] == 1, install.report(f"build row: {build}")
@@ -274,7 +274,9 @@ def test_round_trip_through_redis(install: Install, redis_server: Any, tmp_path:
     slug = install.prepare(_two_documents(tmp_path / "src"))
     worker = install.start_worker()
 
-    result = install.manage("build", slug, "--wait", "--timeout", "120", timeout=150, check=False)
+    result = install.manage(
+        "build", slug, "--recipe", "check", "--wait", "--timeout", "120", timeout=150, check=False
+    )
 
     _assert_round_trip(install, worker, result)
     # Celery masks the URL in its log ("redis://:**@127.0.0.1:PORT/0").
@@ -288,7 +290,9 @@ def test_round_trip_through_embedded_broker(install: Install, tmp_path: Path) ->
     slug = install.prepare(_two_documents(tmp_path / "src"))
     worker = install.start_worker()
 
-    result = install.manage("build", slug, "--wait", "--timeout", "120", timeout=150, check=False)
+    result = install.manage(
+        "build", slug, "--recipe", "check", "--wait", "--timeout", "120", timeout=150, check=False
+    )
 
     _assert_round_trip(install, worker, result)
     assert "filesystem://" in worker.log(), install.report("not on the embedded broker")
@@ -340,7 +344,7 @@ def test_worker_killed_mid_build_is_recovered(install: Install, tmp_path: Path) 
     slug = install.prepare(documents)
     first = install.start_worker()
 
-    started = install.manage("build", slug, timeout=60)
+    started = install.manage("build", slug, "--recipe", "check", timeout=60)
     build_id = json.loads(started.stdout)["build"]
 
     def parse_under_way() -> bool:

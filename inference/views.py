@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from projects.http import project_context, project_or_404
+from projects.models import Project
+from slmstudio.http import AuthenticatedRequest
+from training.models import ModelVersion
+
+from . import services
+from .models import ApiToken, Conversation, Message
+
+
+def _version_for_user(request: AuthenticatedRequest, slug: str, number: int) -> tuple[Project, ModelVersion]:
+    project = project_or_404(request, slug)
+    return project, get_object_or_404(ModelVersion, project=project, number=number)
+
+
+def _conversation_for_user(request: AuthenticatedRequest, version: ModelVersion, pk: int) -> Conversation:
+    # Conversations are private to their author, even inside a shared project.
+    return get_object_or_404(Conversation, pk=pk, version=version, user=request.user)
+
+
+@login_required
+@require_GET
+def models(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    project = project_or_404(request, slug)
+    context = project_context(request, project, "models") | {
+        "versions": services.project_versions(project=project),
+    }
+    return render(request, "inference/models.html", context)
+
+
+@login_required
+@require_GET
+def chat(
+    request: AuthenticatedRequest, slug: str, number: int, conversation: int | None = None
+) -> HttpResponse:
+    project, version = _version_for_user(request, slug, number)
+    current = _conversation_for_user(request, version, conversation) if conversation else None
+    thread = list(current.messages.all()) if current else []
+    context = project_context(request, project, "models") | {
+        "version": version,
+        "conversation": current,
+        "conversations": version.conversations.filter(user=request.user)[:50],
+        "thread": [(m, services.message_html(m) if m.role == Message.Role.ASSISTANT else "") for m in thread],
+        # A question whose answer never came (the page was closed mid-stream) is answered on load.
+        "pending": thread[-1] if thread and thread[-1].role == Message.Role.USER else None,
+        "chat": services.ChatSettings(),
+        "gguf_bytes": version.gguf_file.stat().st_size if version.gguf_file.exists() else None,
+    }
+    return render(request, "inference/chat.html", context)
+
+
+@login_required
+@require_POST
+def ask(request: AuthenticatedRequest, slug: str, number: int) -> HttpResponse:
+    """Store the question; the answer streams from `stream`. Returns what the page needs to show it."""
+    project, version = _version_for_user(request, slug, number)
+    question = request.POST.get("question", "").strip()
+    if not question:
+        return JsonResponse({"error": "Type a question first."}, status=400)
+    conversation_id = request.POST.get("conversation")
+    if conversation_id and conversation_id.isdigit():
+        conversation = _conversation_for_user(request, version, int(conversation_id))
+    else:
+        conversation = services.conversation_start(
+            version=version, user=request.user, first_question=question
+        )
+    chat_settings = services.ChatSettings.clamped(
+        top_k=request.POST.get("top_k"),
+        temperature=request.POST.get("temperature"),
+        max_tokens=request.POST.get("max_tokens"),
+    )
+    message = services.message_ask(conversation=conversation, question=question, chat=chat_settings)
+    conversation_url = reverse("inference-conversation", args=[project.slug, version.number, conversation.pk])
+    if not request.headers.get("X-Chat"):
+        return redirect(conversation_url)
+    return JsonResponse(
+        {
+            "conversation": conversation.pk,
+            "conversation_url": conversation_url,
+            "stream_url": reverse("inference-stream", args=[project.slug, version.number, message.pk]),
+            "question_html": render_to_string(
+                "inference/_message.html", {"message": message, "project": project}, request=request
+            ),
+        }
+    )
+
+
+def _sse(event: str, data: object) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+@login_required
+@require_GET
+def stream(request: AuthenticatedRequest, slug: str, number: int, message: int) -> HttpResponse:
+    """Server-sent events: `token` pieces as they are generated, then `done` with the final HTML."""
+    project, version = _version_for_user(request, slug, number)
+    question = get_object_or_404(
+        Message,
+        pk=message,
+        role=Message.Role.USER,
+        conversation__version=version,
+        conversation__user=request.user,
+    )
+
+    def done_event(reply: Message) -> str:
+        html = render_to_string(
+            "inference/_message.html",
+            {"message": reply, "html": services.message_html(reply), "project": project},
+            request=request,
+        )
+        return _sse("done", {"html": html})
+
+    def events() -> Iterator[str]:
+        existing = Message.objects.filter(reply_to=question).first()
+        if existing:  # answered already (a reload, a second tab): send it whole
+            yield done_event(existing)
+            return
+        yield ": generating\n\n"  # flushes headers at once, so the browser shows the stream started
+        for kind, value in services.answer_stream(question=question):
+            yield _sse("token", value) if kind == "token" else done_event(value)  # type: ignore[arg-type]
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold tokens back
+    return response
+
+
+@login_required
+@require_GET
+def retrieve(request: AuthenticatedRequest, slug: str, number: int) -> HttpResponse:
+    """Retrieval only: the passages the model would get for this question, and why."""
+    project, version = _version_for_user(request, slug, number)
+    query = request.GET.get("question", "").strip()
+    chat_settings = services.ChatSettings.clamped(top_k=request.GET.get("top_k"))
+    hits = services.retrieve(version=version, query=query, k=max(chat_settings.top_k, 1)) if query else []
+    context = {
+        "project": project,
+        "query": query,
+        "results": list(zip(services.sources_from_hits(hits), hits, strict=True)),
+    }
+    return render(request, "inference/_retrieval.html", context)
+
+
+# --- Settings: API tokens ------------------------------------------------------------------
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def settings_page(request: AuthenticatedRequest) -> HttpResponse:
+    new_token = None
+    if request.method == "POST":
+        _, new_token = services.api_token_create(user=request.user, name=request.POST.get("name", ""))
+    context = {
+        "tokens": request.user.api_tokens.all(),
+        "new_token": new_token,
+        "api_base": request.build_absolute_uri("/v1"),
+        "example_model": services.versions_for_user(user=request.user).first(),
+    }
+    return render(request, "inference/settings.html", context)
+
+
+@login_required
+@require_POST
+def token_revoke(request: AuthenticatedRequest, pk: int) -> HttpResponse:
+    token = get_object_or_404(ApiToken, pk=pk, user=request.user)
+    token.delete()
+    messages.success(request, f"Token “{token.name}” revoked: programs using it can no longer connect.")
+    return redirect("inference-settings")

