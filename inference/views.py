@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 
 from django.contrib import messages
@@ -18,6 +19,8 @@ from training.models import ModelVersion
 
 from . import services
 from .models import ApiToken, Conversation, Message
+
+log = logging.getLogger(__name__)
 
 
 def _version_for_user(request: AuthenticatedRequest, slug: str, number: int) -> tuple[Project, ModelVersion]:
@@ -128,8 +131,13 @@ def stream(request: AuthenticatedRequest, slug: str, number: int, message: int) 
             yield done_event(existing)
             return
         yield ": generating\n\n"  # flushes headers at once, so the browser shows the stream started
-        for kind, value in services.answer_stream(question=question):
-            yield _sse("token", value) if kind == "token" else done_event(value)  # type: ignore[arg-type]
+        try:
+            for kind, value in services.answer_stream(question=question):
+                yield _sse("token", value) if kind == "token" else done_event(value)  # type: ignore[arg-type]
+        except Exception:
+            # Headers are sent: the page can only learn of a failure from an event in the stream.
+            log.exception("answering message %s failed", question.pk)
+            yield _sse("failure", {"message": "The model could not answer: the server hit an error. Try again; if it keeps happening, rebuild the model."})
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache"

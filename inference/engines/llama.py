@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # llama.cpp's threads meet at an OpenMP barrier after every operation. Spinning there (libgomp's
-# default) makes generation ten times slower as soon as another process wants the CPU (web
-# workers, Celery and embeddings share a few cores), so they sleep instead. libgomp reads this
-# once, when llama.cpp's library loads: it must be set before the first import of llama_cpp.
+# default) makes generation 5-20 times slower as soon as another process wants the CPU (web
+# workers, Celery builds and embeddings share a few cores), so they sleep instead; on cores kept
+# free for the model, OMP_WAIT_POLICY=ACTIVE in the environment decodes about twice as fast.
+# libgomp reads it once, when llama.cpp's library loads: before the first import of llama_cpp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import llama_cpp  # noqa: E402
@@ -260,10 +261,12 @@ class LlamaEngine:
         """Evaluate the prompt chunk by chunk so a stop request is seen during a long prompt.
 
         Each chunk goes through generate(), whose prefix matching keeps what is already in the KV
-        cache (earlier chunks, and the shared start of the previous turn), so the final generate()
-        only evaluates the rest. False when asked to stop.
+        cache (earlier chunks), so the final generate() only evaluates the rest. Chunks start after
+        the part the previous generation left cached: feeding generate() a shorter prompt than the
+        cache holds would make it drop the rest. False when asked to stop.
         """
-        for end in range(PREFILL_CHUNK, len(prompt), PREFILL_CHUNK):
+        cached = llama_cpp.Llama.longest_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
+        for end in range(cached + PREFILL_CHUNK, len(prompt), PREFILL_CHUNK):
             if should_stop():
                 return False
             with closing(llm.generate(prompt[:end])) as step:

@@ -52,17 +52,25 @@
       question.focus();
       scrollDown();
     });
+    source.addEventListener("failure", function (e) {
+      source.close();
+      fail(JSON.parse(e.data).message);
+    });
+    function fail(message) {
+      article.classList.remove("streaming");
+      const cursor = article.querySelector(".typing");
+      if (cursor) cursor.remove();
+      const note = document.createElement("p");
+      note.className = "field-error";
+      note.textContent = message;
+      article.append(note);
+      send.disabled = false;
+    }
     // A dropped connection is retried by the browser, and the server then sends the saved answer
     // whole; only a refused one (an error status) ends here.
     source.addEventListener("error", function () {
       if (source.readyState === EventSource.CLOSED) {
-        source.close();
-        article.classList.remove("streaming");
-        const note = document.createElement("p");
-        note.className = "field-error";
-        note.textContent = "The answer was interrupted. Reload the page to see what was saved.";
-        article.append(note);
-        send.disabled = false;
+        fail("The answer was interrupted. Reload the page to see what was saved.");
       }
     });
   }

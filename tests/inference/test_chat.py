@@ -103,3 +103,12 @@ def test_tokens_are_created_once_and_revoked(owner_client, owner):
     assert raw not in owner_client.get(reverse("inference-settings")).content.decode()
     owner_client.post(reverse("inference-token-revoke", args=[token.pk]))
     assert not ApiToken.objects.exists()
+
+
+def test_a_failure_while_answering_reaches_the_page_as_an_event(owner_client, version, tmp_path):
+    version.index_dir = str(tmp_path / "missing-index")
+    version.save()
+    data = _ask(owner_client, version, "How do I reset the P-200 pump?").json()
+    events = _sse_events(owner_client.get(data["stream_url"]))
+    assert [k for k, _ in events] == ["failure"]
+    assert "could not answer" in events[0][1]["message"]
