@@ -178,7 +178,8 @@ PARSE_INLINE_MAX_BYTES = env_int("PARSE_INLINE_MAX_KB", 2048) * 1024
 # --- Celery --------------------------------------------------------------------------------
 # Default: an on-disk broker under DATA_DIR, so no server is needed. Set CELERY_BROKER_URL
 # (e.g. redis://localhost:6379/0) for the production stack.
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
+# "localhost" only names the on-disk transport (kombu warns when a URL has no host).
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost//")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _queue_dir = DATA_DIR / "broker" / "queue"
     _control_dir = DATA_DIR / "broker" / "control"

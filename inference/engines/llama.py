@@ -18,12 +18,15 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-# llama.cpp's threads meet at an OpenMP barrier after every operation. Spinning there (libgomp's
-# default) makes generation 5-20 times slower as soon as another process wants the CPU (web
-# workers, Celery builds and embeddings share a few cores), so they sleep instead; on cores kept
-# free for the model, OMP_WAIT_POLICY=ACTIVE in the environment decodes about twice as fast.
-# libgomp reads it once, when llama.cpp's library loads: before the first import of llama_cpp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# llama.cpp's threads meet at an OpenMP barrier after every operation. libgomp's default is to
+# spin there for a long time, which makes generation 5-20 times slower as soon as another process
+# wants the CPU (web workers, Celery builds and embeddings share a few cores); sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) is 3 times slower on idle cores. A short spin keeps both: measured on
+# 2 cores, 64 tokens/s idle (ACTIVE 66, PASSIVE 21) and 15-22 beside two busy processes (PASSIVE
+# 20-36, ACTIVE 6-10). libgomp reads it once, when llama.cpp's library loads: before the first
+# import of llama_cpp. Either variable set in the environment wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import llama_cpp  # noqa: E402
 import llama_cpp.llama_cpp as llama_lib  # noqa: E402
@@ -116,13 +119,18 @@ class LlamaEngine:
         n_threads: int | None = None,
         lora_path: Path | None = None,
     ) -> None:
-        threads = n_threads or os.cpu_count() or 1
+        cores = os.cpu_count() or 1
         with _without_extra_buffer_types():
             self._llm = llama_cpp.Llama(
                 model_path=str(gguf_path),
                 n_ctx=n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
+                # Decoding one token at a time gains little from a second thread, and the web
+                # server, the client and retrieval need a core meanwhile: a decode thread that is
+                # preempted stalls the others at every barrier (on 2 cores: 61 tokens/s alone,
+                # 24 beside a streaming client with 2 threads). llama-cpp-python's own default.
+                n_threads=n_threads or max(1, cores // 2),
+                # Reading the prompt is one large batch: every core helps the first token come sooner.
+                n_threads_batch=n_threads or cores,
                 lora_path=str(lora_path) if lora_path else None,
                 verbose=False,
             )
