@@ -82,10 +82,14 @@ def test_the_build_command_prints_the_model_version(project, tmp_path):
     (tmp_path / "backup.md").write_text(BACKUP_GUIDE)
     documents_ingest_paths(project=project, paths=[tmp_path / "backup.md"])
     out = StringIO()
-    call_command("build", project.slug, "--recipe", "rag", "--wait", "--timeout", "120", stdout=out)
+    call_command(
+        "build", project.slug, "--recipe", "rag", "--chunk-chars", "150", "--overlap-chars", "30",
+        "--wait", "--timeout", "120", stdout=out,
+    )  # fmt: skip
     printed = json.loads(out.getvalue())
     assert set(printed) == {"build", "status", "model_version", "metrics"}
     assert printed["status"] == "succeeded"
     version = ModelVersion.objects.get(pk=printed["model_version"])
     assert version.build_id == printed["build"] and version.number == 1
-    assert printed["metrics"]["rag"]["chunks"] >= 1 and printed["metrics"]["parse"]["parsed"] == 1
+    assert printed["metrics"]["rag"]["chunks"] >= 2 and printed["metrics"]["parse"]["parsed"] == 1
+    assert (printed["metrics"]["rag"]["chunk_chars"], printed["metrics"]["rag"]["overlap_chars"]) == (150, 30)

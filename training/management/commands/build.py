@@ -23,13 +23,30 @@ class Command(JsonCommand):
         parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
         parser.add_argument("--wait", action="store_true", help="wait until the build ends")
         parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait at most")
+        parser.add_argument("--chunk-chars", type=int, help="rag: passage size in characters")
+        parser.add_argument("--overlap-chars", type=int, help="rag: characters repeated between passages")
 
-    def handle(self, *args, project: str, recipe: str, wait: bool, timeout: float, **options) -> None:  # type: ignore[no-untyped-def]
+    def handle(  # type: ignore[no-untyped-def]
+        self,
+        *args,
+        project: str,
+        recipe: str,
+        wait: bool,
+        timeout: float,
+        chunk_chars,
+        overlap_chars,
+        **options,
+    ) -> None:
         target = Project.objects.filter(slug=project).first()
         if target is None:
             self.fail(f"No project {project!r}.")
+        steps = RECIPES[recipe].step_list()
+        rag_params = {k: v for k, v in (("chunk_chars", chunk_chars), ("overlap_chars", overlap_chars)) if v}
+        for step in steps:
+            if step["name"] == "rag":
+                step["params"] = step["params"] | rag_params
         try:
-            build = build_start(project=target, user=None, recipe=recipe)
+            build = build_start(project=target, user=None, recipe=recipe, steps=steps)
         except ValidationError as exc:
             self.fail(" ".join(exc.messages))
         deadline = time.monotonic() + timeout
