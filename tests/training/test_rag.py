@@ -7,6 +7,7 @@ shared words, so paraphrases (dense retrieval proper) are tested with the real b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ from training.ml.rag import (
     SentenceTransformerEmbedder,
     build_index,
     chunk_document,
+    fusion_window,
     rrf,
 )
 
@@ -50,11 +53,13 @@ class HashingEmbedder:
         self.batch_size = batch_size
         self.name = name
         self.calls: list[int] = []  # batch sizes, to check what gets batched
+        self.batches: list[list[str]] = []  # the texts of each call, in the order given
         self._lock = threading.Lock()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
             self.calls.append(len(texts))
+            self.batches.append(list(texts))
         vectors = np.zeros((len(texts), self.dimensions), dtype=np.float32)
         for row, text in enumerate(texts):
             for word in re.findall(r"[^\W\d_]+", text.lower()):
@@ -183,6 +188,18 @@ def test_heading_paths_are_kept_and_embedded() -> None:
     assert "On Debian" not in debian[0].text  # the heading is not prepended to the passage
     untitled = Chunk("1-0", 1, "", (), None, 0, "body")
     assert untitled.embedding_text() == "body"
+
+
+def test_the_title_is_not_repeated_when_the_heading_path_starts_with_it() -> None:
+    # An HTML page whose <title> is also its <h1>: the label names it once.
+    chunk = Chunk("1-0", 1, "Chapter 1. Overview", ("Chapter 1.  overview", "Goals"), None, 0, "body")
+    assert chunk.embedding_text() == "Chapter 1.  overview › Goals\n\nbody"
+    assert Chunk("1-0", 1, "Guide", ("Guide",), None, 0, "body").embedding_text() == "Guide\n\nbody"
+    # A title that is only part of the first heading, or comes later in the path, is kept.
+    for path in (("Guide to X",), ("Intro", "Guide")):
+        chunk = Chunk("1-0", 1, "Guide", path, None, 0, "body")
+        assert chunk.embedding_text() == " › ".join(("Guide", *path)) + "\n\nbody"
+    assert Chunk("1-0", 1, "Guide", (), None, 0, "body").embedding_text() == "Guide\n\nbody"
 
 
 def test_small_sections_merge_with_the_next_under_the_same_parent() -> None:
@@ -388,6 +405,45 @@ def test_build_writes_the_layout_and_manifest(builds: Path) -> None:
     }
 
 
+def test_build_embeds_longest_texts_first_and_stores_each_vector_under_its_chunk(builds: Path) -> None:
+    chunks = corpus_chunks()
+    lengths = [len(c.embedding_text()) for c in chunks]
+    assert lengths != sorted(lengths, reverse=True)  # document order is not length order
+    embedder = HashingEmbedder(batch_size=3)
+    build_index(chunks, builds / "index", embedder)
+    # Batches of 3 over the whole corpus sorted by length, longest first (padding is per batch).
+    assert embedder.calls == [3, 3, 3, 1]
+    embedded = [len(text) for batch in embedder.batches for text in batch]
+    assert embedded == sorted(lengths, reverse=True)
+    # The vectors went back to their chunks: each chunk's own text finds that chunk first.
+    with HybridIndex.open(builds / "index", HashingEmbedder()) as opened:
+        for chunk, hits in zip(
+            chunks, opened.search_many([c.embedding_text() for c in chunks], k=1, mode="dense"), strict=True
+        ):
+            assert hits[0].chunk.id == chunk.id and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    # Chunks are still listed (and BM25-indexed) in document order.
+    lines = (builds / "index" / "chunks.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [c.id for c in chunks]
+
+
+class CountingEmbedder(HashingEmbedder):
+    """Tells build_index each text's token count (here: its words), as the real embedder does."""
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        return [len(text.split()) for text in texts]
+
+
+def test_build_sorts_by_token_count_when_the_embedder_counts_tokens(builds: Path) -> None:
+    long_words = Chunk("1-0", 1, "", (), None, 0, "incomprehensibilities " * 5)  # 110 chars, 5 words
+    short_words = Chunk("1-1", 1, "", (), None, 1, "a b c d e f g h i j k l m n o p q r s")  # 37, 19
+    middle = Chunk("1-2", 1, "", (), None, 2, "one two three four five six seven")  # 33 chars, 7 words
+    embedder = CountingEmbedder(batch_size=1)
+    build_index([long_words, short_words, middle], builds / "index", embedder)
+    assert [batch[0] for batch in embedder.batches] == [short_words.text, middle.text, long_words.text]
+    with HybridIndex.open(builds / "index", HashingEmbedder()) as opened:
+        assert opened.search(middle.text, k=1, mode="dense")[0].chunk.id == "1-2"
+
+
 def test_build_refuses_an_existing_folder(builds: Path) -> None:
     (builds / "index").mkdir()
     with pytest.raises(FileExistsError):
@@ -441,10 +497,14 @@ def test_an_exact_error_code_is_found_by_bm25(index: HybridIndex) -> None:
     assert lexical[0].lexical_rank == 1 and lexical[0].dense_rank is None and lexical[0].score > 0
     assert len(lexical) == 1  # only chunks that share a term are lexical hits
     # The embedder cannot see "4021": dense alone misses the chunk, hybrid keeps it in its top k.
+    # Hybrid fuses each list's top k, so there the chunk has no dense rank at all...
     query = "what does error 4021 mean"
     assert "1-0" not in [h.chunk.id for h in index.search(query, k=3, mode="dense")]
     hybrid = {h.chunk.id: h for h in index.search(query, k=3)}
-    assert "1-0" in hybrid and hybrid["1-0"].lexical_rank == 1 and hybrid["1-0"].dense_rank > 3
+    assert "1-0" in hybrid and hybrid["1-0"].lexical_rank == 1 and hybrid["1-0"].dense_rank is None
+    # ...and fusing deeper lists (the old default, 20) keeps it too, with its dense rank below k.
+    deep = {h.chunk.id: h for h in index.search(query, k=3, candidates=20)}
+    assert "1-0" in deep and deep["1-0"].lexical_rank == 1 and deep["1-0"].dense_rank > 3
 
 
 def test_a_query_without_lexical_match_still_gets_dense_hits(index: HybridIndex) -> None:
@@ -471,6 +531,74 @@ def test_hybrid_ranks_come_from_both_lists(index: HybridIndex) -> None:
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     expected = dict(rrf([_ranked(hits, "dense_rank"), _ranked(hits, "lexical_rank")]))
     assert all(h.score == pytest.approx(expected[h.chunk.id]) for h in hits)
+
+
+def _fake_lists(
+    index: HybridIndex, monkeypatch: pytest.MonkeyPatch, dense: list[str], lexical: list[str]
+) -> None:
+    """Make the index's dense and BM25 searches return these rankings (cut to what is asked)."""
+
+    def fake_dense(queries: Sequence[str], n: int) -> list[list[tuple[str, float]]]:
+        return [[(item, 1.0 - rank / 100) for rank, item in enumerate(dense[:n])] for _ in queries]
+
+    def fake_lexical(query: str, n: int) -> list[tuple[str, float]]:
+        return [(item, 10.0 - rank) for rank, item in enumerate(lexical[:n])]
+
+    monkeypatch.setattr(index, "_dense", fake_dense)
+    monkeypatch.setattr(index, "_lexical", fake_lexical)
+
+
+def test_hybrid_fuses_each_lists_top_k_so_a_strong_single_list_hit_is_kept(
+    index: HybridIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [c.id for c in corpus_chunks()]
+    a, b, c, l1, l2, l3, s1, s2, s3 = ids[:9]
+    # Dense ranks a first; BM25 never finds it. s1-s3 are mediocre in both lists (ranks 4-6).
+    dense = [a, b, c, s1, s2, s3]
+    lexical = [l1, l2, l3, s1, s2, s3]
+    _fake_lists(index, monkeypatch, dense, lexical)
+    hits = index.search("q", k=3)
+    # Nothing is in both top 3s: the lists take turns, dense first at equal rank.
+    assert [h.chunk.id for h in hits] == [a, l1, b]
+    assert [(h.dense_rank, h.lexical_rank) for h in hits] == [(1, None), (None, 1), (2, None)]
+    assert [h.score for h in hits] == [pytest.approx(1 / 61), pytest.approx(1 / 61), pytest.approx(1 / 62)]
+    # Fusing the 6-deep lists (as the old default of 20 did) lets the chunks both lists rank
+    # 4th-6th push out the dense list's first hit and the BM25 list's first hit alike.
+    assert [h.chunk.id for h in index.search("q", k=3, candidates=6)] == [s1, s2, s3]
+    # What both top ks hold comes first.
+    _fake_lists(index, monkeypatch, [a, b, s1], [l1, s1, l2])
+    assert [h.chunk.id for h in index.search("q", k=3)] == [s1, a, l1]
+    assert fusion_window(3) == 3 and fusion_window(3, 6) == 6 and fusion_window(3, 1) == 3
+
+
+def test_hybrid_top_k_keeps_what_both_lists_agree_on_and_each_lists_first_hit() -> None:
+    """The guarantees `fusion_window` documents, on random rankings of the 10 test chunks."""
+    rnd = random.Random(7)
+    ids = [c.id for c in corpus_chunks()]
+    checked = 0
+    with _opened_fake_index() as index:
+        for _ in range(300):
+            k = rnd.randint(1, 6)
+            dense = rnd.sample(ids, len(ids))
+            lexical = rnd.sample(ids, rnd.randint(0, len(ids)))  # BM25 matches only some chunks
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                _fake_lists(index, monkeypatch, dense, lexical)
+                top = [h.chunk.id for h in index.search("q", k=k)]
+            both = set(dense[:k]) & set(lexical[:k])
+            assert set(top[: len(both)]) == both  # agreement first
+            assert dense[0] in top
+            if lexical and (not set(lexical[1:k]) <= set(dense[:k]) or dense[0] in lexical[:k]):
+                assert lexical[0] in top
+                checked += 1
+    assert checked > 100
+
+
+@contextlib.contextmanager
+def _opened_fake_index() -> Iterator[HybridIndex]:
+    with tempfile.TemporaryDirectory() as folder:
+        build_index(corpus_chunks(), Path(folder) / "index", HashingEmbedder())
+        with HybridIndex.open(Path(folder) / "index", HashingEmbedder()) as opened:
+            yield opened
 
 
 def _ranked(hits: Sequence[Hit], attribute: str) -> list[str]:
@@ -591,6 +719,8 @@ def test_real_minilm_finds_a_paraphrase(tmp_path: Path) -> None:
         pytest.skip(str(exc))
     embedder = SentenceTransformerEmbedder(model_dir, batch_size=8)
     assert embedder.dimensions == 384
+    # [CLS] one [SEP]; a long text costs the model's length limit, 256 tokens, and no more.
+    assert embedder.token_counts(["one", "word " * 1000, ""]) == [3, 256, 2]
     vectors = embedder.embed(["one", "two"])
     assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 

@@ -4,7 +4,8 @@ Django-free on purpose (see `training/ml/__init__.py`): a build step feeds it pa
 folder, the chat opens that folder and asks questions. Two indexes, because they fail differently:
 dense vectors (Chroma) find paraphrases, BM25 (bm25s) finds exact terms such as error codes and
 command names that an embedding model smears away. Reciprocal rank fusion merges the two ranked
-lists without having to calibrate cosine similarities against BM25 scores.
+lists without having to calibrate cosine similarities against BM25 scores; it fuses each list's
+top k only (`fusion_window` says why).
 
 Nothing here downloads anything: embeddings are always passed to Chroma explicitly (it never
 loads its default ONNX model), its telemetry is off, and the sentence-transformers model is read
@@ -58,6 +59,7 @@ __all__ = [
     "SentenceTransformerEmbedder",
     "build_index",
     "chunk_document",
+    "fusion_window",
     "rrf",
 ]
 
@@ -120,9 +122,24 @@ class Chunk:
     text: str  # the passage, without its own heading path
 
     def embedding_text(self) -> str:
-        """What gets embedded and BM25-indexed: headings carry meaning the passage often lacks."""
-        label = HEADING_SEPARATOR.join(part for part in (self.document_title, *self.heading_path) if part)
+        """What gets embedded and BM25-indexed: headings carry meaning the passage often lacks.
+
+        The label is "title › heading path", except that the title is left out when the path
+        already starts with it: parsers commonly take a document's title from its first heading
+        (HTML <title> = <h1>, a Markdown "# Title", a PDF's first heading), and repeating it adds
+        tokens to every chunk's embedding (compute, and room under the model's length limit)
+        and doubles the title words' term frequency for BM25, with no information gained.
+        """
+        parts = [part for part in self.heading_path if part]
+        if self.document_title and not (parts and _same_heading(parts[0], self.document_title)):
+            parts.insert(0, self.document_title)
+        label = HEADING_SEPARATOR.join(parts)
         return f"{label}\n\n{self.text}" if label else self.text
+
+
+def _same_heading(a: str, b: str) -> bool:
+    """Equal up to case and whitespace (a <title> and its <h1> often differ only there)."""
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
 
 
 # Finer and finer places to cut a passage that is too long. Sentence ends may be followed by a
@@ -289,6 +306,13 @@ def _overlap(text: str, size: int) -> str:
 
 
 class Embedder(Protocol):
+    """What build_index and HybridIndex need from an embedding model.
+
+    An embedder may also have `token_counts(texts) -> list[int]`, the number of tokens the model
+    reads of each text; build_index then sorts its batches by that instead of by characters
+    (see `_length_sorted_batches`). It is optional, so it is not part of the protocol.
+    """
+
     name: str
     dimensions: int
     batch_size: int  # how many texts build_index embeds per call (and per progress report)
@@ -337,6 +361,17 @@ class SentenceTransformerEmbedder:
             )
         return np.asarray(vectors, dtype=np.float32)
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens the model reads of each text: special tokens included, cut at its length limit."""
+        if not texts:
+            return []
+        limit = self._model.get_max_seq_length()
+        with self._lock:  # the same tokenizer object that encode() uses
+            ids = self._model.tokenizer(
+                list(texts), truncation=limit is not None, max_length=limit, verbose=False
+            )["input_ids"]
+        return [len(row) for row in ids]
+
 
 def _embed_checked(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
     vectors = np.asarray(embedder.embed(texts), dtype=np.float32)
@@ -373,6 +408,40 @@ def rrf(rankings: Sequence[Sequence[str]], *, k: int = RRF_K) -> list[tuple[str,
         item: sum(1.0 / (k + rank) for rank in sorted(item_ranks)) for item, item_ranks in ranks.items()
     }
     return sorted(scores.items(), key=lambda pair: -pair[1])
+
+
+def fusion_window(k: int, candidates: int | None = None) -> int:
+    """How many of each list's top ids hybrid search fuses: `candidates`, by default k.
+
+    Why the window defaults to k rather than to something deeper (this library used 20).
+    RRF adds 1/(60 + rank) over the lists that hold a chunk. Cormack et al. (2009) chose the
+    constant 60 for lists 1000 deep; over a list's top N the scores only run from 1/61 down to
+    1/(60 + N), so for N <= 62 any chunk in both lists (>= 2/(60 + N)) outscores any chunk in
+    one (<= 1/61): fusion is a vote count before it is a ranking. Over 20-deep lists a chunk
+    that one retriever ranks first and the other does not rank at all lost to chunks that both
+    rank, say, 15th: chunks that neither retriever would have returned in its own top k.
+    Fusing each list's top k, the default of Elasticsearch 8.x's RRF (rank_window_size, formerly
+    window_size, defaults to the request's size) and of Upstash's $rrf (window = LIMIT), makes
+    "found by both" mean "both would return it". With two lists and k < 62 (2/(60 + k) > 1/61):
+
+    * every chunk in both top-k lists is returned, first (there are at most k of them);
+    * the remaining places go to the chunks in one top k only, in the order of their rank
+      there, so the lists take turns, the dense one first at equal rank (rrf's first-appearance
+      rule; hybrid asked for k = 1 hits returns the dense list's first hit unless the two
+      lists' first hits are the same);
+    * so a list's rank-1 chunk is always returned, except BM25's when the other k - 1 chunks of
+      its top k are all in dense's top k as well and dense's first hit is not among them: an
+      exact term (an error code) that only BM25 finds, at BM25 rank 1, stays in the top k.
+
+    Ranks below k are not used even to break ties: the two lists differ in coverage (every
+    chunk has a dense rank, only chunks sharing a query word have a BM25 one), so "the other
+    list ranks it somewhere in its top 20" is far more often true of a BM25 hit than of a dense
+    one, and such a tie-break would favour BM25 for that reason alone. The price of the window:
+    two lists that agree just below k (both rank a chunk 6th for k = 5) no longer outvote a
+    chunk that one list ranks in its top k. A larger `candidates` restores plain RRF over
+    deeper lists.
+    """
+    return k if candidates is None else max(k, candidates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,23 +554,67 @@ def _write_vectors(
             configuration={"hnsw": {"space": "cosine", "sync_threshold": 1}},
             embedding_function=None,
         )
-        batch_size = max(1, min(embedder.batch_size, client.get_max_batch_size()))
+        # Two sizes: `batch_size` texts per embed() call (the embedder's own batch size, which
+        # progress and should_stop follow), and `window` chunks per Chroma add (the most Chroma
+        # takes in one call). Within a window, texts are embedded longest first; see
+        # _length_sorted_batches. Each window is then added in document order, in one call, so
+        # the HNSW files are written once per window rather than once per batch.
+        window = max(1, client.get_max_batch_size())
+        batch_size = max(1, min(embedder.batch_size, window))
         total = len(chunks)
-        for start in range(0, total, batch_size):
-            if should_stop is not None and should_stop():
-                raise IndexBuildStopped(f"Stopped after embedding {start} of {total} chunks.")
-            batch = chunks[start : start + batch_size]
+        done = 0
+        for window_start in range(0, total, window):
+            part = chunks[window_start : window_start + window]
+            texts = [chunk.embedding_text() for chunk in part]
+            vectors = np.empty((len(part), embedder.dimensions), dtype=np.float32)
+            for batch in _length_sorted_batches(texts, batch_size, _lengths(embedder, texts)):
+                if should_stop is not None and should_stop():
+                    raise IndexBuildStopped(f"Stopped after embedding {done} of {total} chunks.")
+                vectors[batch] = _embed_checked(embedder, [texts[i] for i in batch])
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
             collection.add(
-                ids=[chunk.id for chunk in batch],
-                embeddings=_embed_checked(embedder, [chunk.embedding_text() for chunk in batch]),
-                metadatas=[_chroma_metadata(chunk) for chunk in batch],
+                ids=[chunk.id for chunk in part],
+                embeddings=vectors,
+                metadatas=[_chroma_metadata(chunk) for chunk in part],
             )
-            if progress is not None:
-                progress(start + len(batch), total)
     finally:
         # A chromadb 1.x PersistentClient holds its SQLite and HNSW files open until closed;
         # the folder must be closed before it is renamed (and deleted, on a failed build).
         client.close()
+
+
+def _lengths(embedder: Embedder, texts: Sequence[str]) -> list[int]:
+    """Each text's cost to the model: its token count if the embedder can tell, else characters."""
+    token_counts = getattr(embedder, "token_counts", None)
+    if callable(token_counts):
+        counts = [int(n) for n in token_counts(texts)]
+        if len(counts) == len(texts):
+            return counts
+    return [len(text) for text in texts]
+
+
+def _length_sorted_batches(
+    texts: Sequence[str], batch_size: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Positions of `texts` in batches of `batch_size`, longest first (by `lengths`, or characters).
+
+    A transformer batch is padded to its longest member, so a batch of texts in document order
+    (where a short heading-only chunk sits next to a full one) costs as much as a batch of full
+    ones. Sorting by length puts similar lengths together, as sentence-transformers' encode()
+    (and so LangChain's HuggingFaceEmbeddings.embed_documents) does inside one call; build_index
+    calls embed() once per batch (for progress and stopping), so it sorts across batches itself.
+    It sorts by token count where the embedder can count tokens: characters are a poor proxy
+    when most passages are near the chunk size (their token counts then vary with the words,
+    not the characters), and texts past the model's length limit all cost the limit.
+    The vectors do not depend on the batch (padding is masked), up to float rounding; the
+    caller puts them back at their positions. Ties keep document order, so batches are
+    deterministic.
+    """
+    sizes = [len(text) for text in texts] if lengths is None else list(lengths)
+    order = sorted(range(len(texts)), key=lambda i: -sizes[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _chroma_metadata(chunk: Chunk) -> dict[str, Any]:
@@ -566,8 +679,10 @@ def _write_manifest(path: Path, stats: IndexStats, config: ChunkConfig | None) -
 class Hit:
     chunk: Chunk
     score: float  # fused score for hybrid, cosine similarity for dense, BM25 score for lexical
-    dense_rank: int | None  # 1-based rank in the dense candidates, None if absent
-    lexical_rank: int | None  # 1-based rank in the BM25 candidates, None if absent
+    # 1-based ranks in the lists searched (for hybrid: each list's top `fusion_window`, so the
+    # fused score is the rrf of exactly these ranks), None if the chunk is not in that list.
+    dense_rank: int | None
+    lexical_rank: int | None
 
 
 class HybridIndex:
@@ -626,28 +741,31 @@ class HybridIndex:
     def manifest(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._manifest))  # a copy the caller may change
 
-    def search(self, query: str, *, k: int = 5, mode: str = "hybrid", candidates: int = 20) -> list[Hit]:
+    def search(
+        self, query: str, *, k: int = 5, mode: str = "hybrid", candidates: int | None = None
+    ) -> list[Hit]:
         """The k best chunks for `query`, best first.
 
         hybrid fuses (rrf) the top `candidates` dense ids with the top `candidates` BM25 ids;
-        only chunks sharing a (stemmed, non-stop) word with the query are BM25 candidates, so a
-        query without any still gets its dense hits.
+        `candidates` defaults to k and is never less than k (`fusion_window` says why). Only
+        chunks sharing a (stemmed, non-stop) word with the query are BM25 candidates, so a query
+        without any still gets its dense hits.
         """
         return self.search_many([query], k=k, mode=mode, candidates=candidates)[0]
 
     def search_many(
-        self, queries: Sequence[str], *, k: int = 5, mode: str = "hybrid", candidates: int = 20
+        self, queries: Sequence[str], *, k: int = 5, mode: str = "hybrid", candidates: int | None = None
     ) -> list[list[Hit]]:
         """`search` for each query, embedding all of them in one batch."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
-        if k < 1 or candidates < 1:
+        if k < 1 or (candidates is not None and candidates < 1):
             raise ValueError("k and candidates must be at least 1.")
         if self._closed:
             raise RuntimeError("This index has been closed.")
         if not self._chunks:
             return [[] for _ in queries]
-        pool = min(max(k, candidates) if mode == "hybrid" else k, len(self._chunks))
+        pool = min(fusion_window(k, candidates) if mode == "hybrid" else k, len(self._chunks))
         no_list: list[list[tuple[str, float]]] = [[] for _ in queries]
         dense = self._dense(queries, pool) if mode != "lexical" else no_list
         lexical = [self._lexical(query, pool) for query in queries] if mode != "dense" else no_list
