@@ -101,4 +101,5 @@
   });
 
   if (form.dataset.pendingStream) stream(form.dataset.pendingStream);
+  form.dataset.ready = "1";  // the form is wired up (tests wait for this)
 })();

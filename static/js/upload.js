@@ -78,4 +78,5 @@
     form.addEventListener(t, function (e) { e.preventDefault(); form.classList.remove("dragover"); });
   });
   form.addEventListener("drop", function (e) { if (e.dataTransfer && e.dataTransfer.files.length) send(e.dataTransfer.files); });
+  form.dataset.ready = "1";  // scripted uploads are wired up (tests wait for this)
 })();

@@ -14,6 +14,7 @@ def test_ask_a_question_and_see_tokens_stream_and_a_citation(live_server, page, 
     page.get_by_label("Password").fill("pw-alice-123")
     page.get_by_role("button", name="Log in").click()
     page.goto(f"{live_server.url}{version.get_absolute_url()}")
+    page.wait_for_selector("#ask-form[data-ready]", state="attached")
 
     page.get_by_label("Answer length").fill("160")
     page.get_by_label("Your question").fill("How do I reset the P-200 pump?")

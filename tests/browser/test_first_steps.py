@@ -29,6 +29,7 @@ def test_log_in_create_a_project_upload_two_documents_and_see_them_parsed(live_s
 
     page.get_by_role("link", name="Upload documents").click()
     expect(page.get_by_text("Drop files here")).to_be_visible()
+    page.wait_for_selector("#upload-form[data-ready]", state="attached")
     page.set_input_files("#id_files", [str(pdf), str(docx)])
 
     rows = page.locator("#documents-body tr.doc-row")
@@ -56,6 +57,7 @@ def test_a_bad_file_shows_why_it_failed(live_server, page, tmp_path):
     page.get_by_label("Name").fill("Bad files")
     page.get_by_role("button", name="Create project").click()
     page.get_by_role("link", name="Upload documents").click()
+    page.wait_for_selector("#upload-form[data-ready]", state="attached")
     page.set_input_files("#id_files", [str(fx.make_exe_renamed_pdf(tmp_path))])
     expect(page.locator("#documents-body")).to_contain_text("looks like a Windows program")
     expect(page.locator("#documents-body .badge.bad")).to_have_count(1)
