@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from functools import wraps
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+
+from slmstudio.http import event_stream_response
 
 from . import services
 from .engines.llama import GenerationResult
@@ -106,12 +108,7 @@ def chat_completions(request: HttpRequest, user: AbstractBaseUser) -> HttpRespon
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": version.api_id}
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        response = StreamingHttpResponse(
-            _stream(meta, answer, include_usage), content_type="text/event-stream; charset=utf-8"
-        )
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
-        return response
+        return event_stream_response(_stream(meta, answer, include_usage))
     for _ in answer.pieces:
         pass
     result = answer.result

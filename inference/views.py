@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from projects.http import project_context, project_or_404
 from projects.models import Project
-from slmstudio.http import AuthenticatedRequest
+from slmstudio.http import AuthenticatedRequest, event_stream_response
 from training.models import ModelVersion
 
 from . import services
@@ -137,12 +137,14 @@ def stream(request: AuthenticatedRequest, slug: str, number: int, message: int) 
         except Exception:
             # Headers are sent: the page can only learn of a failure from an event in the stream.
             log.exception("answering message %s failed", question.pk)
-            yield _sse("failure", {"message": "The model could not answer: the server hit an error. Try again; if it keeps happening, rebuild the model."})
+            yield _sse(
+                "failure",
+                {
+                    "message": "The model could not answer: the server hit an error. Try again; if it keeps happening, rebuild the model."
+                },
+            )
 
-    response = StreamingHttpResponse(events(), content_type="text/event-stream; charset=utf-8")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold tokens back
-    return response
+    return event_stream_response(events())
 
 
 @login_required

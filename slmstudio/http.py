@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.files.uploadhandler import FileUploadHandler, SkipFile
-from django.http import HttpRequest
+from django.http import HttpRequest, StreamingHttpResponse
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -45,3 +46,11 @@ class MaxSizeUploadHandler(FileUploadHandler):
 
     def file_complete(self, file_size: int) -> None:
         return None
+
+
+def event_stream_response(events: Iterator[str]) -> StreamingHttpResponse:
+    """Server-sent events, sent as they are produced (never cached or buffered on the way)."""
+    response = StreamingHttpResponse(events, content_type="text/event-stream; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold tokens back
+    return response

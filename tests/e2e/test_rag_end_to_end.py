@@ -64,13 +64,22 @@ def test_ingest_build_ask_and_the_right_document_is_cited(project, owner, tmp_pa
 
     # The CLI twins see the same model.
     queries = tmp_path / "queries.jsonl"
-    queries.write_text(json.dumps({"query": "bkp restore command"}) + "\n" + json.dumps({"query": "clean the filter"}) + "\n")
-    lines = [json.loads(line) for line in _command("retrieve", str(version.pk), "--queries", str(queries), "--k", "2").splitlines()]
+    queries.write_text(
+        json.dumps({"query": "bkp restore command"}) + "\n" + json.dumps({"query": "clean the filter"}) + "\n"
+    )
+    lines = [
+        json.loads(line)
+        for line in _command("retrieve", str(version.pk), "--queries", str(queries), "--k", "2").splitlines()
+    ]
     assert [line["query"] for line in lines] == ["bkp restore command", "clean the filter"]
     assert lines[0]["results"][0]["document"] == backup.title
-    assert len(lines[1]["results"]) == 2 and all({"document", "text", "score"} <= set(r) for r in lines[1]["results"])
+    assert len(lines[1]["results"]) == 2 and all(
+        {"document", "text", "score"} <= set(r) for r in lines[1]["results"]
+    )
 
-    asked = json.loads(_command("ask", str(version.pk), "How do I restore a file from backup?", "--max-tokens", "48"))
+    asked = json.loads(
+        _command("ask", str(version.pk), "How do I restore a file from backup?", "--max-tokens", "48")
+    )
     assert asked["answer"].strip() and asked["tokens_per_second"] > 0
     assert asked["sources"][0]["document_id"] == backup.pk
 
