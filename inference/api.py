@@ -97,21 +97,18 @@ def chat_completions(request: HttpRequest, user: AbstractBaseUser) -> HttpRespon
     ]
     if not turns or turns[-1].role != "user" or not turns[-1].content.strip():
         return _error(400, "'messages' must end with a non-empty user message.", "invalid_request_error")
+    # Missing or unusable values fall back to the chat page's defaults inside clamped().
     chat = services.ChatSettings.clamped(
-        top_k=body.get("top_k", services.ChatSettings.top_k),
-        temperature=body.get("temperature", services.ChatSettings.temperature),
-        max_tokens=body.get("max_completion_tokens")
-        or body.get("max_tokens")
-        or services.ChatSettings.max_tokens,
+        top_k=body.get("top_k"),
+        temperature=body.get("temperature"),
+        max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
     )
     answer = services.answer_start(version=version, question=turns[-1].content, history=turns[:-1], chat=chat)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": version.api_id}
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return event_stream_response(_stream(meta, answer, include_usage))
-    for _ in answer.pieces:
-        pass
-    result = answer.result
+    result = answer.complete()
     return JsonResponse(
         meta
         | {

@@ -106,6 +106,12 @@ class Answer:
     pieces: Iterator[str]
     result: GenerationResult = field(default_factory=GenerationResult)
 
+    def complete(self) -> GenerationResult:
+        """Run the generation to its end without streaming (API without `stream`, the CLI)."""
+        for _ in self.pieces:
+            pass
+        return self.result
+
 
 def answer_start(
     *,

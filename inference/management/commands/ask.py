@@ -27,13 +27,12 @@ class Command(JsonCommand):
             self.fail("The question is empty.")
         chat = services.ChatSettings.clamped(top_k=top_k, temperature=temperature, max_tokens=max_tokens)
         answer = services.answer_start(version=target, question=question, history=[], chat=chat)
-        for _ in answer.pieces:
-            pass
+        result = answer.complete()
         self.emit(
             {
-                "answer": answer.result.text,
+                "answer": result.text,
                 "sources": answer.sources,
-                "tokens_per_second": round(answer.result.tokens_per_second, 1),
-                "usage": services.usage_of(answer.result),
+                "tokens_per_second": round(result.tokens_per_second, 1),
+                "usage": services.usage_of(result),
             }
         )
