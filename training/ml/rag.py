@@ -398,7 +398,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """"float32" or "bfloat16" for `precision` ("auto" picks).
+    """The precision ("float32" or "bfloat16") that `precision` means; "auto" picks one.
 
     "auto" means bfloat16 only where it is fast: on a CPU, when it multiplies bf16 in hardware
     (AMX or AVX512-BF16). Elsewhere autocast emulates bf16 and is slower than fp32, so auto
@@ -415,7 +415,8 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     cpu = torch.cpu
     # Private helpers (torch >= 2.3); a torch without them gets the safe answer.
     native = any(
-        getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        getattr(cpu, probe, lambda: False)()
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     )
     return "bfloat16" if native else "float32"
 
@@ -704,9 +705,7 @@ def _write_bm25(path: Path, chunks: Sequence[Chunk]) -> None:
     retriever.save(str(path), show_progress=False)
 
 
-def _write_manifest(
-    path: Path, stats: IndexStats, config: ChunkConfig | None, precision: str | None
-) -> None:
+def _write_manifest(path: Path, stats: IndexStats, config: ChunkConfig | None, precision: str | None) -> None:
     manifest = {
         "format_version": FORMAT_VERSION,
         "embedding_model": stats.embedding_model,
