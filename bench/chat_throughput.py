@@ -168,7 +168,7 @@ def main() -> None:
 
     from inference import services
     from inference.engines.llama import _without_extra_buffer_types
-    from inference.engines.prompt import Passage, build_messages
+    from training.ml.prompt import Passage, build_messages
     from training.models import ModelVersion
 
     version = ModelVersion.objects.get(pk=info["version"])

@@ -18,10 +18,10 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from slmstudio.http import event_stream_response
+from training.ml.prompt import Turn
 
 from . import services
 from .engines.llama import GenerationResult
-from .engines.prompt import Turn
 
 View = Callable[..., HttpResponse]
 

@@ -5,3 +5,7 @@ from django.apps import AppConfig
 
 class InferenceConfig(AppConfig):
     name = "inference"
+
+    def ready(self) -> None:
+        # Registers the `evaluate` build step: it answers through this app's engine.
+        from . import evaluation  # noqa: F401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from training.embedding import shared_embedder
 from training.ml.rag import HybridIndex
@@ -16,8 +17,10 @@ _open: dict[str, HybridIndex] = {}
 def index_for(version: ModelVersion) -> HybridIndex | None:
     """The version's hybrid index, or None for a model built without documents."""
     path = version.index_path
-    if path is None:
-        return None
+    return None if path is None else index_at(path)
+
+
+def index_at(path: Path) -> HybridIndex:
     with _lock:
         index = _open.get(str(path))
         if index is None:

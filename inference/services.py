@@ -5,17 +5,18 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from projects.models import Project
-from training.ml.rag import Hit
+from training.ml.prompt import Passage, Turn, build_messages
+from training.ml.rag import Hit, HybridIndex
 from training.models import ModelVersion
 
 from .engines.llama import GenerationConfig, GenerationResult, engines
-from .engines.prompt import Passage, Turn, build_messages
 from .engines.render import render_answer
 from .models import ApiToken, Conversation, Message
 from .retriever import index_for
@@ -121,9 +122,35 @@ def answer_start(
     chat: ChatSettings,
     should_stop: Callable[[], bool] | None = None,
 ) -> Answer:
-    sources = sources_from_hits(retrieve(version=version, query=question, k=chat.top_k))
+    return answer_from(
+        gguf=version.gguf_file,
+        index=index_for(version),
+        question=question,
+        history=history,
+        chat=chat,
+        should_stop=should_stop,
+    )
+
+
+def answer_from(
+    *,
+    gguf: Path,
+    index: HybridIndex | None,
+    question: str,
+    history: list[Turn],
+    chat: ChatSettings,
+    should_stop: Callable[[], bool] | None = None,
+) -> Answer:
+    """Retrieve → prompt → stream, for any GGUF and index: a model version's (chat, API, CLI),
+    or a model a build has just made and is evaluating."""
+    hits = (
+        index.search(question, k=chat.top_k)
+        if index is not None and chat.top_k > 0 and question.strip()
+        else []
+    )
+    sources = sources_from_hits(hits)
     passages = [Passage(s["n"], s["title"], s["location"], s["text"]) for s in sources]
-    engine = engines.get(version.gguf_file, n_ctx=N_CTX)
+    engine = engines.get(gguf, n_ctx=N_CTX)
     messages = build_messages(
         question,
         passages,
@@ -225,4 +252,4 @@ def api_token_user(*, raw: str) -> AbstractBaseUser | None:
 
 
 def project_versions(*, project: Project) -> QuerySet[ModelVersion]:
-    return project.model_versions.select_related("build")
+    return project.model_versions.select_related("build", "base", "project")

@@ -7,6 +7,10 @@ from . import views
 urlpatterns = [
     path("", views.models, name="inference-models"),
     path("<int:number>/", views.chat, name="inference-chat"),
+    path("<int:number>/about/", views.model_detail, name="inference-model-detail"),
+    path("<int:number>/download/gguf/", views.download_gguf, name="inference-download-gguf"),
+    path("<int:number>/download/modelfile/", views.download_modelfile, name="inference-download-modelfile"),
+    path("<int:number>/download/model-card/", views.download_card, name="inference-download-card"),
     path("<int:number>/c/<int:conversation>/", views.chat, name="inference-conversation"),
     path("<int:number>/ask/", views.ask, name="inference-ask"),
     path("<int:number>/stream/<int:message>/", views.stream, name="inference-stream"),

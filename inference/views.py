@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -17,7 +17,7 @@ from projects.models import Project
 from slmstudio.http import AuthenticatedRequest, event_stream_response
 from training.models import ModelVersion
 
-from . import services
+from . import cards, comparison, services
 from .models import ApiToken, Conversation, Message
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,57 @@ def _conversation_for_user(request: AuthenticatedRequest, version: ModelVersion,
 @login_required
 @require_GET
 def models(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    """Every version with its measured size, speed and quality, side by side, and a chart."""
     project = project_or_404(request, slug)
+    rows = comparison.comparison_rows(list(services.project_versions(project=project)))
     context = project_context(request, project, "models") | {
-        "versions": services.project_versions(project=project),
+        "rows": rows,
+        "chart": comparison.size_quality_chart(rows),
     }
     return render(request, "inference/models.html", context)
+
+
+@login_required
+@require_GET
+def model_detail(request: AuthenticatedRequest, slug: str, number: int) -> HttpResponse:
+    project, version = _version_for_user(request, slug, number)
+    context = project_context(request, project, "models") | {
+        "version": version,
+        "row": comparison.comparison_rows([version])[0],
+        "filename": cards.gguf_filename(version),
+        "commands": cards.llama_cpp_commands(version),
+        "api_base": request.build_absolute_uri("/v1"),
+    }
+    return render(request, "inference/model_detail.html", context)
+
+
+@login_required
+@require_GET
+def download_gguf(request: AuthenticatedRequest, slug: str, number: int) -> FileResponse:
+    _, version = _version_for_user(request, slug, number)
+    if not version.gguf_file.is_file():
+        raise Http404("The model file is missing on the server.")
+    return FileResponse(
+        version.gguf_file.open("rb"), as_attachment=True, filename=cards.gguf_filename(version)
+    )
+
+
+@login_required
+@require_GET
+def download_modelfile(request: AuthenticatedRequest, slug: str, number: int) -> HttpResponse:
+    _, version = _version_for_user(request, slug, number)
+    response = HttpResponse(cards.ollama_modelfile(version), content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="Modelfile"'
+    return response
+
+
+@login_required
+@require_GET
+def download_card(request: AuthenticatedRequest, slug: str, number: int) -> HttpResponse:
+    _, version = _version_for_user(request, slug, number)
+    response = HttpResponse(cards.model_card(version), content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{slug}-v{number}-model-card.md"'
+    return response
 
 
 @login_required

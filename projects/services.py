@@ -5,6 +5,7 @@ Views, tasks and management commands call these; they call the Django-free parsi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -417,3 +418,44 @@ def pairs_export_jsonl(*, project: Project) -> str:
     return pairformats.pairs_to_jsonl(
         project.pairs.values("instruction", "input", "response", "split", "source")
     )
+
+
+# --- Held-out document text ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldOutText:
+    text: str
+    sections: int  # how many sections it holds
+    held_out: bool  # False: too little text to hold any out, so this is all of it
+
+
+def section_is_held_out(*, document: Document, index: int, eval_fraction: float) -> bool:
+    """Whether a document section is kept out of training for evaluation: a hash of the
+    document's content and the section's place, so it never changes and never leaks."""
+    key = hashlib.sha256(f"{document.sha256}:{index}".encode()).hexdigest()
+    return pairformats.split_for(key, eval_fraction) == "eval"
+
+
+def documents_held_out_text(*, project: Project, min_chars: int = 2000) -> HeldOutText:
+    """The project's held-out document text, measured the same way for every model version.
+
+    A small project may hold out too little text to measure (under `min_chars`); then all of
+    its text is used and `held_out` says so, rather than a perplexity over a dozen tokens.
+    """
+    held: list[str] = []
+    everything: list[str] = []
+    for document in project.documents.filter(status=Document.Status.PARSED).order_by("pk"):
+        parsed = document_parsed(document=document)
+        if parsed is None:
+            continue
+        for index, section in enumerate(parsed.sections):
+            text = "\n".join(filter(None, [section.heading, section.text])).strip()
+            if not text:
+                continue
+            everything.append(text)
+            if section_is_held_out(document=document, index=index, eval_fraction=project.eval_fraction):
+                held.append(text)
+    if sum(len(t) for t in held) >= min_chars:
+        return HeldOutText("\n\n".join(held), len(held), held_out=True)
+    return HeldOutText("\n\n".join(everything), len(everything), held_out=False)

@@ -209,6 +209,14 @@ BUILD_HEARTBEAT_SECONDS = env_int("BUILD_HEARTBEAT_SECONDS", 5)
 BUILD_STALE_SECONDS = env_int("BUILD_STALE_SECONDS", 60)
 # How many times a build is started (first run plus re-queues after a lost worker).
 BUILD_MAX_ATTEMPTS = env_int("BUILD_MAX_ATTEMPTS", 3)
+# Prepared base models (the bundled GGUF dequantized once, unchanged bases converted to F16),
+# shared by every build. Tests point it at one folder for the whole run.
+MODEL_CACHE_DIR = Path(env_str("MODEL_CACHE_DIR", str(DATA_DIR / "models"))).resolve()
+# The evaluation every build ends with: how much held-out text and how many held-out pairs it
+# reads. Fixed, so versions compare; larger is steadier and slower (about 300 tokens/s here).
+EVAL_MAX_TOKENS = env_int("EVAL_MAX_TOKENS", 2048)
+EVAL_MAX_PAIRS = env_int("EVAL_MAX_PAIRS", 8)
+EVAL_ANSWER_TOKENS = env_int("EVAL_ANSWER_TOKENS", 96)
 # "auto" embeds in bfloat16 on CPUs that multiply it in hardware (2.5x faster, same vectors to
 # a cosine distance of 3e-5) and in float32 elsewhere; "float32" or "bfloat16" force one.
 EMBEDDING_PRECISION = env_str("EMBEDDING_PRECISION", "auto")

@@ -14,6 +14,7 @@ urlpatterns = [
     path("signup/", views.signup, name="signup"),
     path("admin/", admin.site.urls),
     path("", include("projects.urls")),
+    path("base-models/", include("training.base_urls")),
     path("p/<slug:slug>/builds/", include("training.urls")),
     path("p/<slug:slug>/models/", include("inference.urls")),
     path("settings/", inference_views.settings_page, name="inference-settings"),

@@ -114,6 +114,7 @@ def version(project, rag_index) -> ModelVersion:  # type: ignore[no-untyped-def]
         number=1,
         recipe="rag",
         base_model="SmolLM2-135M-Instruct (bundled, Q4_1)",
+        quant_type="q4_1",
         gguf_path=str(bundled_llm_gguf().path),
         index_dir=str(rag_index),
         metrics={"rag": {"documents": 3, "chunks": 5}},

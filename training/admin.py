@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from .models import Build, BuildLog, BuildStep
+from .models import BaseModel, Build, BuildLog, BuildStep
 
 
 class BuildStepInline(admin.TabularInline):
@@ -22,3 +22,15 @@ class BuildAdmin(admin.ModelAdmin):
 class BuildLogAdmin(admin.ModelAdmin):
     list_display = ["build", "created_at", "level", "message"]
     list_filter = ["level"]
+
+
+@admin.register(BaseModel)
+class BaseModelAdmin(admin.ModelAdmin):
+    """Registering goes through the Base models page (it inspects and checks the files); here
+    only names can be changed."""
+
+    list_display = ["name", "slug", "kind", "source", "created_at"]
+    readonly_fields = ["slug", "kind", "source", "hf_dir", "gguf_path", "info", "added_by", "created_at"]
+
+    def has_add_permission(self, request) -> bool:  # type: ignore[no-untyped-def]
+        return False

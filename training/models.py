@@ -9,6 +9,63 @@ from django.urls import reverse
 from projects.models import Project
 
 
+def data_path(stored: str) -> Path | None:
+    """Stored paths are relative to DATA_DIR, or absolute for files outside it (site-packages,
+    the shared model cache, a folder an admin registered)."""
+    if not stored:
+        return None
+    path = Path(stored)
+    return path if path.is_absolute() else Path(settings.DATA_DIR) / path
+
+
+def stored_path(path: Path) -> str:
+    """How a path is kept in the database: relative to DATA_DIR when inside it, else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path(settings.DATA_DIR).resolve()))
+    except ValueError:
+        return str(path)
+
+
+class BaseModel(models.Model):
+    """A model builds start from: the bundled SmolLM2, or one an admin registered."""
+
+    class Kind(models.TextChoices):
+        BUNDLED = "bundled", "Bundled"
+        HF = "hf", "Local Hugging Face folder"
+        GGUF = "gguf", "Local GGUF file"
+        HUB = "hub", "Hugging Face hub"
+
+    slug = models.SlugField(max_length=100, unique=True)
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    source = models.CharField(max_length=500, help_text="The folder, file or hub id it was registered from.")
+    # The safetensors folder training and conversion read (empty for a GGUF-only model), and the
+    # GGUF it is served from as is (empty when it must be converted first).
+    hf_dir = models.CharField(max_length=500, blank=True)
+    gguf_path = models.CharField(max_length=500, blank=True)
+    info = models.JSONField(default=dict, blank=True)  # training.ml.base_models.ModelInfo
+    added_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["kind", "name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("training-base-model", args=[self.slug])
+
+    @property
+    def hf_path(self) -> Path | None:
+        return data_path(self.hf_dir)
+
+    @property
+    def gguf_file(self) -> Path | None:
+        return data_path(self.gguf_path)
+
+
 class Build(models.Model):
     """One run of a recipe for a project: the user-visible job record (Celery keeps none)."""
 
@@ -25,7 +82,11 @@ class Build(models.Model):
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="builds")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
-    recipe = models.CharField(max_length=40, default="check")
+    recipe = models.CharField(max_length=200, default="check")
+    # None means the bundled model (builds queued before the registry existed, and the default).
+    base = models.ForeignKey(
+        BaseModel, null=True, blank=True, on_delete=models.PROTECT, related_name="builds"
+    )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     error = models.TextField(blank=True)
     # Times the build has been claimed by a worker: the first run plus resumes after a lost worker.
@@ -119,12 +180,22 @@ class ModelVersion(models.Model):
     """What a successful build produced: immutable, chatted with, evaluated, downloaded."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="model_versions")
-    build = models.OneToOneField(
-        Build, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_version"
+    # One build may produce several versions (one per quantization type).
+    build = models.ForeignKey(
+        Build, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_versions"
     )
     number = models.PositiveIntegerField()
-    recipe = models.CharField(max_length=40)
+    recipe = models.CharField(max_length=200)
     base_model = models.CharField(max_length=200)
+    base = models.ForeignKey(
+        BaseModel, null=True, blank=True, on_delete=models.PROTECT, related_name="model_versions"
+    )
+    # e.g. "q4_k_m", "f16", or the bundled file's own type; "" when unknown.
+    quant_type = models.CharField(max_length=20, blank=True)
+    # The unquantized GGUF this one was quantized from (KL divergence is measured against it),
+    # and the safetensors folder behind it (exports to other types convert from there).
+    parent_gguf_path = models.CharField(max_length=500, blank=True)
+    hf_dir = models.CharField(max_length=500, blank=True)
     # Paths relative to DATA_DIR, or absolute for files that ship with the installation
     # (the bundled GGUF lives in site-packages and is never copied).
     gguf_path = models.CharField(max_length=500)
@@ -153,18 +224,24 @@ class ModelVersion(models.Model):
     def get_absolute_url(self) -> str:
         return reverse("inference-chat", args=[self.project.slug, self.number])
 
-    def _resolve(self, stored: str) -> Path | None:
-        if not stored:
-            return None
-        path = Path(stored)
-        return path if path.is_absolute() else Path(settings.DATA_DIR) / path
-
     @property
     def gguf_file(self) -> Path:
-        path = self._resolve(self.gguf_path)
+        path = data_path(self.gguf_path)
         assert path is not None
         return path
 
     @property
     def index_path(self) -> Path | None:
-        return self._resolve(self.index_dir)
+        return data_path(self.index_dir)
+
+    @property
+    def parent_gguf(self) -> Path | None:
+        return data_path(self.parent_gguf_path)
+
+    @property
+    def hf_path(self) -> Path | None:
+        return data_path(self.hf_dir)
+
+    @property
+    def evaluation(self) -> dict:
+        return self.metrics.get("evaluate", {})

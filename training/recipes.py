@@ -1,12 +1,36 @@
-"""Named recipes: the ordered steps a build runs, and whether the build yields a model."""
+"""Recipes: what a build does, written as a comma-separated list of items.
+
+    rag                          index the documents; answer with the base model, citing them
+    quantize:q8_0,quantize:q4_k_m  convert the base model and quantize it to each type
+    rag,quantize:q4_k_m          both: the quantized models answer from the documents
+    check                        read documents and check pairs only (makes no model)
+
+`recipe_plan` turns a recipe into the ordered steps a Build runs. Every recipe that makes a model
+ends with `evaluate`, so every model version carries measured numbers.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# llama.cpp types offered to users, best quality first. K-quants need rows divisible by 256;
+# models like SmolLM2-135M (hidden 576) fall back to other types on most tensors, so the build
+# reports the bits per weight it really got.
+QUANTIZE_TYPES: dict[str, str] = {
+    "q8_0": "Q8_0 · 8-bit, near lossless",
+    "q6_k": "Q6_K · 6-bit",
+    "q5_k_m": "Q5_K_M · 5-bit",
+    "q5_0": "Q5_0 · 5-bit",
+    "q4_k_m": "Q4_K_M · 4-bit, the usual choice",
+    "q4_0": "Q4_0 · 4-bit, smallest",
+    "q4_1": "Q4_1 · 4-bit",
+}
+
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named recipe the builds page offers as a button."""
+
     name: str
     label: str
     description: str
@@ -35,9 +59,73 @@ RECIPES: dict[str, Recipe] = {
                 "Indexes your documents for retrieval (exact terms and meaning) and answers with the "
                 "bundled SmolLM2-135M model, citing the passages it used."
             ),
-            steps=("parse", "rag"),
+            steps=("parse", "rag", "evaluate"),
             produces_model=True,
         ),
     )
 }
 DEFAULT_RECIPE = "rag"
+
+
+class RecipeError(ValueError):
+    """A recipe string that names no valid build; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: str  # normalised: "rag,quantize:q8_0,quantize:q4_k_m"
+    steps: list[dict]
+    produces_model: bool
+    rag: bool
+    quantize: tuple[str, ...]
+
+
+def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
+    """The steps for `recipe`. `base_has_gguf`: whether the base model can be served as it is
+    (the bundled GGUF can; a registered safetensors folder must be converted first)."""
+    items = [item.strip().lower() for item in recipe.split(",") if item.strip()]
+    if not items:
+        raise RecipeError("The recipe is empty. Use rag, quantize:<type> or check.")
+    if "check" in items:
+        if items != ["check"] * len(items):
+            raise RecipeError("“check” makes no model and cannot be combined with other items.")
+        return Plan("check", RECIPES["check"].step_list(), produces_model=False, rag=False, quantize=())
+    rag = False
+    types: list[str] = []
+    for item in items:
+        if item == "rag":
+            rag = True
+        elif item.startswith("quantize:"):
+            qtype = item.removeprefix("quantize:")
+            if qtype not in QUANTIZE_TYPES:
+                raise RecipeError(f"Unknown quantization type “{qtype}”. Known: {', '.join(QUANTIZE_TYPES)}.")
+            if qtype not in types:
+                types.append(qtype)
+        else:
+            raise RecipeError(f"Unknown recipe item “{item}”. Use rag, quantize:<type> or check.")
+    steps: list[dict] = [{"name": "parse", "params": {}}]
+    if rag:
+        steps.append({"name": "rag", "params": {}})
+    if types or not base_has_gguf:
+        steps += [{"name": "base", "params": {}}, {"name": "convert", "params": {"type": "f16"}}]
+    steps += [{"name": "quantize", "params": {"type": t}} for t in types]
+    steps.append({"name": "evaluate", "params": {}})
+    normalised = ",".join((["rag"] if rag else []) + [f"quantize:{t}" for t in types])
+    return Plan(normalised, steps, produces_model=True, rag=rag, quantize=tuple(types))
+
+
+def recipe_label(recipe: str) -> str:
+    """Words for a recipe string, for pages and model cards."""
+    try:
+        plan = recipe_plan(recipe)
+    except RecipeError:
+        return recipe
+    if not plan.produces_model:
+        return RECIPES["check"].label
+    parts = []
+    if plan.rag:
+        parts.append("answers from your documents")
+    if plan.quantize:
+        parts.append("quantized to " + ", ".join(t.upper() for t in plan.quantize))
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] if text else recipe

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -19,9 +21,10 @@ from django.utils import timezone
 from projects.models import Project
 from slmstudio.lib.workers import worker_id, worker_is_dead
 
-from .models import Build, BuildLog, BuildStep, ModelVersion
-from .recipes import DEFAULT_RECIPE, RECIPES
-from .steps import STEP_RUNNERS, BuildCancelled, StepContext, StepError
+from .models import BaseModel, Build, BuildLog, BuildStep, ModelVersion, stored_path
+from .recipes import DEFAULT_RECIPE, RecipeError, recipe_plan
+from .registry import base_model_default
+from .steps import STEP_RUNNERS, BuildCancelled, StepContext, StepError, build_outputs
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +35,27 @@ def build_start(
     project: Project,
     user: AbstractBaseUser | None,
     recipe: str = DEFAULT_RECIPE,
+    base: BaseModel | None = None,
+    params: dict[str, dict] | None = None,
     steps: list[dict] | None = None,
 ) -> Build:
-    """Create a build of `recipe` (or of explicit `steps`) and queue it once the row is committed."""
-    if recipe not in RECIPES and steps is None:
-        raise ValidationError(f"Unknown recipe “{recipe}”. Known: {', '.join(RECIPES)}.")
-    step_list = steps if steps is not None else RECIPES[recipe].step_list()
+    """Create a build of `recipe` from `base` (the bundled model when None) and queue it once
+    the row is committed. `params` adds parameters per step name (e.g. {"rag": {"chunk_chars":
+    500}}); `steps` replaces the recipe's steps outright (tests)."""
+    base = base or base_model_default()
+    if steps is None:
+        try:
+            plan = recipe_plan(recipe, base_has_gguf=bool(base.gguf_path))
+        except RecipeError as exc:
+            raise ValidationError(str(exc)) from None
+        recipe, steps = plan.recipe, plan.steps
+    step_list = [s | {"params": s.get("params", {}) | (params or {}).get(s["name"], {})} for s in steps]
     unknown = [s["name"] for s in step_list if s["name"] not in STEP_RUNNERS]
     if unknown:
         raise ValidationError(f"Unknown build step: {', '.join(unknown)}.")
-    build = Build.objects.create(project=project, created_by=user, recipe=recipe)
+    build = Build.objects.create(project=project, created_by=user, recipe=recipe, base=base)
     BuildStep.objects.bulk_create(
-        BuildStep(build=build, index=i, name=s["name"], params=s.get("params", {}))
-        for i, s in enumerate(step_list)
+        BuildStep(build=build, index=i, name=s["name"], params=s["params"]) for i, s in enumerate(step_list)
     )
     BuildLog.objects.create(build=build, message="Build queued.")
     from .tasks import run_build_task
@@ -107,10 +118,11 @@ def build_run(*, build_id: int) -> None:
                 metrics = STEP_RUNNERS[step.name](ctx)
                 _step_finished(step, BuildStep.Status.SUCCEEDED, metrics)
             with transaction.atomic():
-                version = _version_create(build)
+                versions = _versions_create(build)
+                names = ", ".join(v.name for v in versions)
                 _build_finished(
                     build, me, Build.Status.SUCCEEDED,
-                    note=f"Build finished: {version.name} is ready." if version else "",
+                    note=f"Build finished: {names} {'is' if len(versions) == 1 else 'are'} ready." if versions else "",
                 )  # fmt: skip
         except BuildCancelled:
             _step_finished(step, BuildStep.Status.CANCELLED)
@@ -134,32 +146,70 @@ def build_run(*, build_id: int) -> None:
             )  # fmt: skip
 
 
-def _version_create(build: Build) -> ModelVersion | None:
-    """Record the model a finished build produced (once, even if the end is reached twice)."""
-    recipe = RECIPES.get(build.recipe)
-    if recipe is None or not recipe.produces_model:
-        return None
-    existing = ModelVersion.objects.filter(build=build).first()
+@dataclass(frozen=True)
+class Candidate:
+    """A model a build produced, before it becomes a ModelVersion: what evaluate measures."""
+
+    label: str  # the GGUF type: "q4_k_m", "f16", the bundled file's "q4_1"
+    gguf: Path
+    parent: Path | None  # the unquantized GGUF it was made from (KL divergence is against it)
+    hf_dir: Path | None
+    index_dir: Path | None
+
+
+def build_candidates(build: Build, outputs: dict[str, Path]) -> list[Candidate]:
+    """The models a build yields: one per quantized type; else the converted GGUF; else the
+    base model's own GGUF (RAG over the bundled model)."""
+    index, parent, hf_dir = outputs.get("index_dir"), outputs.get("parent_gguf"), outputs.get("hf_dir")
+    quantized = [
+        (name.removeprefix("gguf:"), path) for name, path in outputs.items() if name.startswith("gguf:")
+    ]
+    if quantized:
+        return [Candidate(label, path, parent, hf_dir, index) for label, path in quantized]
+    if parent is not None:
+        return [Candidate(parent.stem.removeprefix("model-"), parent, None, hf_dir, index)]
+    base = build.base or base_model_default()
+    assert base.gguf_file is not None
+    label = str(base.info.get("weights_format", "")).removeprefix("gguf:").lower()
+    return [Candidate(label, base.gguf_file, None, base.hf_path, index)]
+
+
+def _versions_create(build: Build) -> list[ModelVersion]:
+    """Record the models a finished build produced (once, even if the end is reached twice)."""
+    try:
+        if not recipe_plan(build.recipe).produces_model:
+            return []
+    except RecipeError:
+        return []
+    existing = list(build.model_versions.order_by("number"))
     if existing:
         return existing
-    from .ml.bundled import bundled_llm_gguf
-
-    outputs: dict[str, str] = {}
-    metrics: dict[str, dict] = {}
-    for step in build.steps.all():
-        outputs |= step.outputs
-        metrics[step.name] = step.metrics
-    number = (build.project.model_versions.aggregate(n=Max("number"))["n"] or 0) + 1
-    return ModelVersion.objects.create(
-        project=build.project,
-        build=build,
-        number=number,
-        recipe=build.recipe,
-        base_model="SmolLM2-135M-Instruct (bundled, Q4_1)",
-        gguf_path=str(bundled_llm_gguf().path),
-        index_dir=outputs.get("index_dir", ""),
-        metrics=metrics,
-    )
+    base = build.base or base_model_default()
+    steps = list(build.steps.all())
+    shared = {s.name: s.metrics for s in steps if s.name not in ("quantize", "evaluate")}
+    per_type = {s.params.get("type"): s.metrics for s in steps if s.name == "quantize"}
+    evaluated = next((s.metrics for s in steps if s.name == "evaluate"), {}).get("models", {})
+    number = build.project.model_versions.aggregate(n=Max("number"))["n"] or 0
+    versions = []
+    for n, c in enumerate(build_candidates(build, build_outputs(build)), start=number + 1):
+        metrics = shared | ({"quantize": per_type[c.label]} if c.label in per_type else {})
+        versions.append(
+            ModelVersion.objects.create(
+                project=build.project,
+                build=build,
+                number=n,
+                recipe=build.recipe,
+                base_model=f"{base.name}, {c.label.upper()}" if c.label else base.name,
+                base=base,
+                quant_type=c.label,
+                gguf_path=stored_path(c.gguf),
+                parent_gguf_path=stored_path(c.parent) if c.parent else "",
+                hf_dir=stored_path(c.hf_dir) if c.hf_dir else "",
+                index_dir=stored_path(c.index_dir) if c.index_dir else "",
+                metrics=metrics | {"evaluate": evaluated.get(c.label, {})},
+            )
+        )
+    return versions
 
 
 def _step_started(step: BuildStep) -> None:

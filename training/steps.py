@@ -19,7 +19,19 @@ from django.utils import timezone
 from projects.models import Document, InstructionPair
 from projects.services import document_parse, document_parsed, documents_reset_stale
 
-from .models import Build, BuildLog, BuildStep
+from .models import Build, BuildLog, BuildStep, data_path, stored_path
+
+
+def build_outputs(build: Build, *, before: int | None = None) -> dict[str, Path]:
+    """What a build's finished steps produced, in step order, later steps winning (a LoRA step's
+    model folder replaces the base's), as absolute paths."""
+    steps = build.steps.filter(status=BuildStep.Status.SUCCEEDED).order_by("index")
+    if before is not None:
+        steps = steps.filter(index__lt=before)
+    merged: dict[str, Path] = {}
+    for outputs in steps.values_list("outputs", flat=True):
+        merged |= {name: Path(str(data_path(stored))) for name, stored in outputs.items() if stored}
+    return merged
 
 
 class BuildCancelled(Exception):
@@ -60,10 +72,13 @@ class StepContext:
         Build.objects.filter(pk=self.build.pk).update(heartbeat_at=timezone.now())
 
     def output(self, name: str, path: Path) -> None:
-        """Record something the step produced, as a path relative to DATA_DIR."""
-        relative = str(path.relative_to(settings.DATA_DIR))
-        self.step.outputs = self.step.outputs | {name: relative}
+        """Record something the step produced (relative to DATA_DIR when inside it)."""
+        self.step.outputs = self.step.outputs | {name: stored_path(path)}
         BuildStep.objects.filter(pk=self.step.pk).update(outputs=self.step.outputs)
+
+    def outputs(self) -> dict[str, Path]:
+        """What the earlier steps of this build produced."""
+        return build_outputs(self.build, before=self.step.index)
 
     def log(self, message: str, level: str = "info") -> None:
         BuildLog.objects.create(build=self.build, level=level, message=message)
@@ -218,4 +233,109 @@ def rag_step(ctx: StepContext) -> dict:
         "chunks_per_second": round(stats.chunks / stats.seconds, 1) if stats.seconds else None,
         "chunk_chars": config.chunk_chars,
         "overlap_chars": config.overlap_chars,
+    }
+
+
+def _build_base(ctx: StepContext):  # type: ignore[no-untyped-def]
+    from .registry import base_model_default
+
+    return ctx.build.base or base_model_default()
+
+
+@register("base", "Prepare the base model")
+def base_step(ctx: StepContext) -> dict:
+    """The base model's safetensors weights, which conversion and training read."""
+    from .registry import BaseNotConvertible, base_model_weights
+
+    base = _build_base(ctx)
+    ctx.progress(0, 1, f"Preparing {base.name}", force=True)
+    try:
+        weights = base_model_weights(
+            base, progress=lambda done, total: ctx.progress(done, total, "Unpacking")
+        )
+    except BaseNotConvertible as exc:
+        raise StepError(str(exc)) from None
+    ctx.output("hf_dir", weights)
+    ctx.progress(1, 1, f"{base.name} ready", force=True)
+    return {"base_model": base.name, "parameters": base.info.get("parameters")}
+
+
+@register("convert", "Convert to GGUF")
+def convert_step(ctx: StepContext) -> dict:
+    """Write the model folder as an unquantized GGUF: the parent every quantized type is made
+    from and compared with. An unchanged base is converted once and cached."""
+    from .ml import gguf_convert
+    from .registry import base_model_f16
+
+    out_type = ctx.step.params.get("type", "f16")
+    weights = ctx.outputs().get("hf_dir")
+    if weights is None:
+        raise StepError("There is no model folder to convert; the recipe lacks a base step.")
+    base = _build_base(ctx)
+    ctx.progress(0, 1, f"Converting to {out_type.upper()} GGUF", force=True)
+
+    def convert(src: Path, dst: Path) -> gguf_convert.ConvertResult:
+        try:
+            return gguf_convert.convert_hf_to_gguf(src, dst, out_type=out_type, name=base.name)
+        except gguf_convert.UnsupportedModel as exc:
+            raise StepError(str(exc)) from None
+
+    started = time.monotonic()
+    cached = False
+    if out_type == "f16" and _is_base_weights(base, weights):
+        out, cached = base_model_f16(base, weights, convert)
+    else:
+        out = ctx.workdir / f"model-{out_type}.gguf"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert(weights, out)
+    ctx.output("parent_gguf", out)
+    ctx.progress(1, 1, f"{out_type.upper()} GGUF written", force=True)
+    return {
+        "type": out_type,
+        "size_bytes": out.stat().st_size,
+        "seconds": round(time.monotonic() - started, 2),
+        "cached": cached,
+    }
+
+
+def _is_base_weights(base, weights: Path) -> bool:  # type: ignore[no-untyped-def]
+    """Whether `weights` is the base's own folder (not one a training step changed)."""
+    from .registry import base_model_weights
+
+    return base_model_weights(base).resolve() == weights.resolve()
+
+
+@register("quantize", "Quantize")
+def quantize_step(ctx: StepContext) -> dict:
+    """One llama.cpp quantization of the parent GGUF; a build may hold several, one per type."""
+    from .ml import quantize
+
+    qtype = ctx.step.params.get("type", "")
+    parent = ctx.outputs().get("parent_gguf")
+    if parent is None:
+        raise StepError("There is no GGUF to quantize; the recipe lacks a convert step.")
+    ctx.progress(0, 1, f"Quantizing to {qtype.upper()}", force=True)
+    out = ctx.workdir / f"model-{qtype}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = quantize.quantize_gguf(parent, out, qtype)
+    ctx.output(f"gguf:{qtype}", out)
+    parent_size = parent.stat().st_size
+    ctx.log(
+        f"{qtype.upper()}: {result.size_bytes / 1e6:.1f} MB ({result.size_bytes / parent_size:.0%} of the "
+        f"parent), {result.bits_per_weight:.2f} bits per weight"
+        + (
+            f"; {result.fallback_tensors} tensors fell back to another type"
+            if result.fallback_tensors
+            else ""
+        )
+    )
+    ctx.progress(1, 1, f"{qtype.upper()} written", force=True)
+    return {
+        "type": qtype,
+        "size_bytes": result.size_bytes,
+        "size_ratio": round(result.size_bytes / parent_size, 4),
+        "bits_per_weight": round(result.bits_per_weight, 3),
+        "tensor_types": result.tensor_types,
+        "fallback_tensors": result.fallback_tensors,
+        "seconds": round(result.seconds, 2),
     }

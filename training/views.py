@@ -2,18 +2,18 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HTMX_STOP_POLLING
 
 from projects.http import project_context, project_or_404
 from slmstudio.http import AuthenticatedRequest
 
-from . import services
-from .models import Build, ModelVersion
-from .recipes import DEFAULT_RECIPE, RECIPES
+from . import registry, services
+from .models import BaseModel, Build, BuildStep, ModelVersion
+from .recipes import DEFAULT_RECIPE, QUANTIZE_TYPES, recipe_label
 from .steps import STEP_LABELS
 
 
@@ -22,8 +22,9 @@ from .steps import STEP_LABELS
 def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     project = project_or_404(request, slug)
     context = project_context(request, project, "builds") | {
-        "recipes": RECIPES.values(),
-        "builds": project.builds.select_related("created_by")[:100],
+        "quantize_types": QUANTIZE_TYPES.items(),
+        "base_models": registry.base_models_list(),
+        "builds": project.builds.select_related("created_by", "base")[:100],
     }
     return render(request, "training/builds.html", context)
 
@@ -31,10 +32,22 @@ def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    """Start a build: a named recipe (`recipe`), or one put together from the form's choices."""
     project = project_or_404(request, slug)
-    recipe = request.POST.get("recipe") or DEFAULT_RECIPE
+    recipe = request.POST.get("recipe", "")
+    if not recipe:
+        items = (["rag"] if request.POST.get("rag") else []) + [
+            f"quantize:{t}" for t in request.POST.getlist("quantize")
+        ]
+        recipe = ",".join(items) or DEFAULT_RECIPE
+    base = None
+    if request.POST.get("base"):
+        base = BaseModel.objects.filter(slug=request.POST["base"]).first()
+        if base is None:
+            messages.error(request, "That base model is no longer registered; pick another.")
+            return redirect("training-builds", slug=project.slug)
     try:
-        build = services.build_start(project=project, user=request.user, recipe=recipe)
+        build = services.build_start(project=project, user=request.user, recipe=recipe, base=base)
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
         return redirect("training-builds", slug=project.slug)
@@ -49,15 +62,20 @@ def build_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
     build = get_object_or_404(Build, pk=pk, project=project)
     context = project_context(request, project, "builds") | {
         "build": build,
-        "recipe": RECIPES.get(build.recipe),
-        "version": ModelVersion.objects.filter(build=build).first(),
-        "steps": [(step, STEP_LABELS.get(step.name, step.name)) for step in build.steps.all()],
+        "recipe_label": recipe_label(build.recipe),
+        "versions": list(ModelVersion.objects.filter(build=build).order_by("number")),
+        "steps": [(step, _step_label(step)) for step in build.steps.all()],
         "logs": list(build.logs.order_by("-id")[:200])[::-1],
     }
     if request.htmx:
         status = HTMX_STOP_POLLING if build.is_terminal else 200
         return render(request, "training/build_detail.html#build-status", context, status=status)
     return render(request, "training/build_detail.html", context)
+
+
+def _step_label(step: BuildStep) -> str:
+    label = STEP_LABELS.get(step.name, step.name)
+    return f"{label} to {step.params['type'].upper()}" if step.params.get("type") else label
 
 
 @login_required
@@ -67,3 +85,57 @@ def build_cancel(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
     build = get_object_or_404(Build, pk=pk, project=project)
     services.build_cancel(build=build)
     return redirect(build)
+
+
+# --- Base models ---------------------------------------------------------------------------
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def base_models(request: AuthenticatedRequest) -> HttpResponse:
+    """The models builds start from. Staff register more: a folder or GGUF file on the server,
+    or a hub id when the server is online."""
+    error = ""
+    if request.method == "POST":
+        if not request.user.is_staff:
+            raise PermissionDenied
+        try:
+            base = registry.base_model_register(
+                source=request.POST.get("source", ""),
+                name=request.POST.get("name", "").strip(),
+                user=request.user,
+            )
+        except ValidationError as exc:
+            error = " ".join(exc.messages)
+        else:
+            messages.success(request, f"{base.name} is registered; builds can start from it.")
+            return redirect(base)
+    context = {
+        "base_models": registry.base_models_list(),
+        "error": error,
+        "source": request.POST.get("source", ""),
+    }
+    return render(request, "training/base_models.html", context)
+
+
+@login_required
+@require_GET
+def base_model_detail(request: AuthenticatedRequest, base: str) -> HttpResponse:
+    registry.base_model_default()
+    model = get_object_or_404(BaseModel, slug=base)
+    return render(request, "training/base_model_detail.html", {"base": model, "info": model.info})
+
+
+@login_required
+@require_POST
+def base_model_remove(request: AuthenticatedRequest, base: str) -> HttpResponse:
+    if not request.user.is_staff:
+        raise PermissionDenied
+    model = get_object_or_404(BaseModel, slug=base)
+    try:
+        registry.base_model_remove(model)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect(model)
+    messages.success(request, f"{model.name} is no longer registered.")
+    return redirect("training-base-models")

@@ -96,7 +96,7 @@ def test_the_build_command_prints_the_model_version(project, tmp_path):
         "--wait", "--timeout", "120", stdout=out,
     )  # fmt: skip
     printed = json.loads(out.getvalue())
-    assert set(printed) == {"build", "status", "model_version", "metrics"}
+    assert {"build", "status", "model_version", "metrics", "model_versions"} == set(printed)
     assert printed["status"] == "succeeded"
     version = ModelVersion.objects.get(pk=printed["model_version"])
     assert version.build_id == printed["build"] and version.number == 1

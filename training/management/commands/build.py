@@ -6,21 +6,28 @@ from django.core.exceptions import ValidationError
 
 from projects.models import Project
 from slmstudio.lib.cli import JsonCommand
-from training.models import Build, ModelVersion
-from training.recipes import DEFAULT_RECIPE, RECIPES
+from training.models import BaseModel, Build, ModelVersion
+from training.recipes import DEFAULT_RECIPE
 from training.services import build_start
 
 
 class Command(JsonCommand):
     help = (
         "Start a build of a project (a worker runs it). With --wait, wait for it to end and print "
-        '{"build": ID, "status": ..., "model_version": ID or null, "metrics": {step: {...}}}; '
+        '{"build": ID, "status": ..., "model_version": ID or null, "metrics": {step: {...}}, '
+        '"model_versions": [{"model_version": ID, "name", "type", "metrics": {...}}]} '
+        "(a build makes one version per quantization type; model_version is the first); "
         "exit 1 unless it succeeded."
     )
 
     def add_arguments(self, parser):  # type: ignore[no-untyped-def]
         parser.add_argument("project", help="project slug")
-        parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
+        parser.add_argument(
+            "--recipe",
+            default=DEFAULT_RECIPE,
+            help="comma-separated items: rag, quantize:<type> (e.g. quantize:q8_0,quantize:q4_k_m), or check",
+        )
+        parser.add_argument("--base", help="base model slug (default: the bundled SmolLM2-135M-Instruct)")
         parser.add_argument("--wait", action="store_true", help="wait until the build ends")
         parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait at most")
         parser.add_argument("--chunk-chars", type=int, help="rag: passage size in characters")
@@ -31,6 +38,7 @@ class Command(JsonCommand):
         *args,
         project: str,
         recipe: str,
+        base,
         wait: bool,
         timeout: float,
         chunk_chars,
@@ -40,13 +48,16 @@ class Command(JsonCommand):
         target = Project.objects.filter(slug=project).first()
         if target is None:
             self.fail(f"No project {project!r}.")
-        steps = RECIPES[recipe].step_list()
+        base_model = None
+        if base:
+            base_model = BaseModel.objects.filter(slug=base).first()
+            if base_model is None:
+                self.fail(f"No base model {base!r}; see python manage.py basemodels.")
         rag_params = {k: v for k, v in (("chunk_chars", chunk_chars), ("overlap_chars", overlap_chars)) if v}
-        for step in steps:
-            if step["name"] == "rag":
-                step["params"] = step["params"] | rag_params
         try:
-            build = build_start(project=target, user=None, recipe=recipe, steps=steps)
+            build = build_start(
+                project=target, user=None, recipe=recipe, base=base_model, params={"rag": rag_params}
+            )
         except ValidationError as exc:
             self.fail(" ".join(exc.messages))
         deadline = time.monotonic() + timeout
@@ -54,12 +65,20 @@ class Command(JsonCommand):
             time.sleep(0.5)
             build.refresh_from_db()
         build.refresh_from_db()
-        version = ModelVersion.objects.filter(build=build).first()
+        versions = list(ModelVersion.objects.filter(build=build).order_by("number"))
         payload = {
             "build": build.pk,
             "status": build.status,
-            "model_version": version.pk if version else None,
-            "metrics": {s.name: s.metrics for s in build.steps.all()},
+            "model_version": versions[0].pk if versions else None,
+            # Step metrics; quantize steps are told apart by type, evaluate holds each model's numbers.
+            "metrics": {
+                f"{s.name}:{s.params['type']}" if s.name == "quantize" else s.name: s.metrics
+                for s in build.steps.all()
+            },
+            "model_versions": [
+                {"model_version": v.pk, "name": v.name, "type": v.quant_type, "metrics": v.metrics}
+                for v in versions
+            ],
         }
         if build.error:
             payload["error"] = build.error

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference.engines.prompt import (
+from training.ml.prompt import (
     NO_PASSAGES,
     SYSTEM_PROMPT,
     Passage,

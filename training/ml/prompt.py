@@ -1,5 +1,8 @@
 """The chat prompt for answering from retrieved passages, free of Django.
 
+It lives in training because a model is trained and evaluated on the prompts it is served with:
+the chat (inference) and the evaluation and retrieval-augmented training (training) share it.
+
 Written for a 135M-parameter model: a short system prompt, and the passages placed in the final
 user message right before the question, where a small model pays most attention to them.
 """

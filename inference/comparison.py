@@ -1,0 +1,185 @@
+"""The numbers a team compares versions by, and the size-vs-quality chart (plain SVG, no library)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from django.urls import reverse
+
+from training.models import ModelVersion
+from training.recipes import QUANTIZE_TYPES
+
+
+@dataclass(frozen=True)
+class Row:
+    version: ModelVersion
+    kind: str  # "Q4_K_M · 4-bit, the usual choice" or the type in capitals
+    size_bytes: int | None
+    bits_per_weight: float | None
+    perplexity: float | None
+    kl_divergence: float | None
+    answer_f1: float | None
+    embedding_similarity: float | None
+    tokens_per_second: float | None
+    peak_memory_bytes: int | None
+    times_smaller: float | None  # than the largest version in the table
+
+    @property
+    def size_mb(self) -> float | None:  # decimal megabytes, as on the chart
+        return None if self.size_bytes is None else self.size_bytes / 1e6
+
+    @property
+    def memory_mb(self) -> float | None:
+        return None if self.peak_memory_bytes is None else self.peak_memory_bytes / 1e6
+
+    @property
+    def short_kind(self) -> str:
+        """ "Q4_K_M · 4-bit" — the type and its plain meaning, without the advice."""
+        return " · ".join(self.kind.split(" · ")[:2])
+
+
+def comparison_rows(versions: Sequence[ModelVersion]) -> list[Row]:
+    sizes = [v.evaluation.get("size_bytes") for v in versions]
+    largest = max((s for s in sizes if s), default=None)
+    rows = []
+    for version, size in zip(versions, sizes, strict=True):
+        m = version.evaluation
+        rows.append(
+            Row(
+                version=version,
+                kind=QUANTIZE_TYPES.get(version.quant_type, version.quant_type.upper()),
+                size_bytes=size,
+                bits_per_weight=m.get("bits_per_weight"),
+                perplexity=m.get("perplexity"),
+                kl_divergence=m.get("kl_divergence"),
+                answer_f1=m.get("answer_f1"),
+                embedding_similarity=m.get("embedding_similarity"),
+                tokens_per_second=m.get("tokens_per_second"),
+                peak_memory_bytes=m.get("peak_memory_bytes"),
+                times_smaller=round(largest / size, 1) if largest and size and size < largest else None,
+            )
+        )
+    return rows
+
+
+# --- Chart ------------------------------------------------------------------------------------
+
+WIDTH, HEIGHT = 640, 300
+LEFT, RIGHT, TOP, BOTTOM = 64, 24, 16, 48
+
+
+@dataclass(frozen=True)
+class Point:
+    x: float  # pixels
+    y: float
+    label: str
+    href: str
+    title: str  # the raw values, for the tooltip
+    label_x: float  # where its label starts (or ends, near the right edge)
+    label_anchor: str  # "start" or "end"
+
+
+@dataclass(frozen=True)
+class Tick:
+    at: float  # pixels
+    label: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    width: int
+    height: int
+    plot: tuple[float, float, float, float]  # left, top, right, bottom in pixels
+    points: list[Point]
+    x_ticks: list[Tick]
+    y_ticks: list[Tick]
+    x_label: str
+    y_label: str
+
+
+def size_quality_chart(rows: Sequence[Row]) -> Chart | None:
+    """File size (MB) against perplexity on held-out text, one point per version; None when
+    fewer than one version has both numbers."""
+    data = [
+        (r, r.size_bytes / 1e6, r.perplexity)
+        for r in rows
+        if r.size_bytes is not None and r.perplexity is not None
+    ]
+    if not data:
+        return None
+    xs = [x for _, x, _ in data]
+    ys = [y for _, _, y in data]
+    x_ticks_values = _nice_ticks(0.0, max(xs))
+    y_low, y_high = _padded(min(ys), max(ys))
+    y_ticks_values = _nice_ticks(y_low, y_high)
+    x_max = x_ticks_values[-1]
+    y_min, y_max = y_ticks_values[0], y_ticks_values[-1]
+    left, top, right, bottom = LEFT, TOP, WIDTH - RIGHT, HEIGHT - BOTTOM
+
+    def px(x: float) -> float:
+        return left + (x / x_max) * (right - left) if x_max else left
+
+    def py(y: float) -> float:
+        return (
+            bottom - (y - y_min) / (y_max - y_min) * (bottom - top) if y_max > y_min else (top + bottom) / 2
+        )
+
+    def label_place(x: float) -> tuple[float, str]:
+        # Labels of points in the right quarter go to their left, so they stay inside the chart.
+        return (
+            (round(px(x) - 10, 1), "end")
+            if px(x) > right - (right - left) / 4
+            else (round(px(x) + 10, 1), "start")
+        )
+
+    points = [
+        Point(
+            x=round(px(x), 1),
+            y=round(py(y), 1),
+            label_x=label_place(x)[0],
+            label_anchor=label_place(x)[1],
+            label=f"v{r.version.number} {r.version.quant_type.upper()}".strip(),
+            href=reverse("inference-model-detail", args=[r.version.project.slug, r.version.number]),
+            title=f"v{r.version.number}: {x:.1f} MB, perplexity {y:.2f}",
+        )
+        for r, x, y in data
+    ]
+    return Chart(
+        width=WIDTH,
+        height=HEIGHT,
+        plot=(left, top, right, bottom),
+        points=points,
+        x_ticks=[Tick(round(px(v), 1), _fmt(v)) for v in x_ticks_values],
+        y_ticks=[Tick(round(py(v), 1), _fmt(v)) for v in y_ticks_values],
+        x_label="File size (MB) — smaller is to the left",
+        y_label="Perplexity (lower is better)",
+    )
+
+
+def _padded(low: float, high: float) -> tuple[float, float]:
+    """A value range with room around the points, never collapsed to zero width."""
+    span = high - low
+    pad = span * 0.15 if span > 0 else max(abs(high) * 0.05, 0.5)
+    return low - pad, high + pad
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]."""
+    if high <= low:
+        high = low + 1.0
+    raw = (high - low) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.floor(low / step) * step
+    ticks = []
+    value = first
+    while value < high + step * 0.999:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 10 or value == int(value) else f"{value:.2g}"

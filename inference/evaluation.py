@@ -1,0 +1,180 @@
+"""The evaluation every build ends with (the `evaluate` step) and `manage.py evaluate`.
+
+It lives in inference because answer quality is measured through the same path the chat page
+and the API answer with (retrieval, prompt, llama.cpp engine); training must not import
+inference, so this module registers the step into training's registry when the app loads.
+
+Every number is measured the same way for every version so they compare: the project's
+held-out document text (cut at EVAL_MAX_TOKENS) for perplexity, bits per byte and KL divergence
+against the unquantized parent; its held-out instruction pairs (the first EVAL_MAX_PAIRS,
+answered greedily) for answer quality; a fixed prompt in a fresh process for speed and memory.
+A number that does not apply (no parent, no pairs, no text) is None, never invented.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+
+from projects.models import InstructionPair, Project
+from projects.services import documents_held_out_text
+from training.embedding import shared_embedder
+from training.ml import evaluate, quantize
+from training.models import ModelVersion
+from training.services import build_candidates
+from training.steps import BuildCancelled, StepContext, register
+
+from .retriever import index_at
+from .services import ChatSettings, answer_from
+
+# The keys `manage.py evaluate` prints (a contract), then the others a version keeps.
+CONTRACT_KEYS = (
+    "perplexity",
+    "bits_per_byte",
+    "kl_divergence",
+    "answer_f1",
+    "tokens_per_second",
+    "size_bytes",
+    "peak_memory_bytes",
+)
+OTHER_KEYS = (
+    "top1_agreement",
+    "rouge_l",
+    "embedding_similarity",
+    "prompt_tokens_per_second",
+    "bits_per_weight",
+    "eval_tokens",
+    "eval_bytes",
+    "eval_pairs",
+    "held_out",
+)
+
+
+def evaluate_model(
+    *,
+    project: Project,
+    gguf: Path,
+    parent: Path | None,
+    index_dir: Path | None,
+    report: Callable[[str], None] = lambda message: None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Measure one GGUF (with its index, when it answers from documents)."""
+    stop = should_stop or (lambda: False)
+    metrics: dict = dict.fromkeys(CONTRACT_KEYS + OTHER_KEYS)
+
+    held = documents_held_out_text(project=project)
+    if held.text.strip():
+        report(
+            "perplexity on held-out document text" + (" and KL divergence to the parent" if parent else "")
+        )
+        try:
+            score = evaluate.score_text(
+                gguf, held.text, reference=parent, max_tokens=settings.EVAL_MAX_TOKENS, should_stop=stop
+            )
+        except evaluate.EvaluationStopped:
+            raise BuildCancelled from None
+        metrics |= {
+            "perplexity": _round(score.perplexity, 4),
+            "bits_per_byte": _round(score.bits_per_byte, 4),
+            "kl_divergence": _round(score.kl_divergence, 6),
+            "top1_agreement": _round(score.top1_agreement, 4),
+            "eval_tokens": score.tokens,
+            "eval_bytes": score.bytes,
+            "held_out": held.held_out,
+        }
+    if stop():
+        raise BuildCancelled
+
+    pairs = list(
+        project.pairs.filter(split=InstructionPair.Split.EVAL).order_by("pk")[: settings.EVAL_MAX_PAIRS]
+    )
+    if pairs:
+        report(f"answering {len(pairs)} held-out questions")
+        index = index_at(index_dir) if index_dir is not None else None
+        chat = ChatSettings(temperature=0.0, max_tokens=settings.EVAL_ANSWER_TOKENS)
+        answers = []
+        for pair in pairs:
+            if stop():
+                raise BuildCancelled
+            question = "\n\n".join(filter(None, [pair.instruction, pair.input]))
+            answer = answer_from(gguf=gguf, index=index, question=question, history=[], chat=chat)
+            answers.append(answer.complete().text)
+        references = [pair.response for pair in pairs]
+        vectors = shared_embedder().embed(answers + references)
+        similarity = (vectors[: len(pairs)] * vectors[len(pairs) :]).sum(axis=1)
+        metrics |= {
+            "answer_f1": _round(statistics.fmean(map(evaluate.token_f1, answers, references)), 4),
+            "rouge_l": _round(statistics.fmean(map(evaluate.rouge_l, answers, references)), 4),
+            "embedding_similarity": _round(float(np.mean(similarity)), 4),
+            "eval_pairs": len(pairs),
+        }
+
+    report("speed and memory")
+    speed = evaluate.measure_speed(gguf)
+    metrics |= {
+        "tokens_per_second": _round(speed.tokens_per_second, 1),
+        "prompt_tokens_per_second": _round(speed.prompt_tokens_per_second, 1),
+        "peak_memory_bytes": speed.peak_memory_bytes,
+        "size_bytes": gguf.stat().st_size,
+        "bits_per_weight": _round(quantize.gguf_bits_per_weight(gguf)[0], 3),
+    }
+    return metrics
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+@register("evaluate", "Evaluate")
+def evaluate_step(ctx: StepContext) -> dict:
+    """Measure every model the build made; the numbers go onto each new ModelVersion."""
+    candidates = build_candidates(ctx.build, ctx.outputs())
+    results: dict[str, dict] = {}
+    for i, candidate in enumerate(candidates):
+        ctx.check_cancel(force=True)
+        name = candidate.label.upper() or "model"
+
+        def report(message: str, i: int = i, name: str = name) -> None:
+            ctx.progress(i, len(candidates), f"{name}: {message}", force=True)
+
+        results[candidate.label] = evaluate_model(
+            project=ctx.build.project,
+            gguf=candidate.gguf,
+            parent=candidate.parent,
+            index_dir=candidate.index_dir,
+            report=report,
+            should_stop=ctx.cancel_requested,
+        )
+        ctx.log(f"{name}: {_summary(results[candidate.label])}")
+    ctx.progress(len(candidates), len(candidates), f"{len(candidates)} model(s) measured", force=True)
+    return {"models": results}
+
+
+def _summary(m: dict) -> str:
+    parts = []
+    if m["perplexity"] is not None:
+        parts.append(f"perplexity {m['perplexity']:.2f}")
+    if m["kl_divergence"] is not None:
+        parts.append(f"KL {m['kl_divergence']:.4f}")
+    if m["answer_f1"] is not None:
+        parts.append(f"answer F1 {m['answer_f1']:.2f}")
+    parts.append(f"{m['tokens_per_second']} tokens/s, {m['size_bytes'] / 1e6:.1f} MB")
+    return ", ".join(parts)
+
+
+def version_evaluate(*, version: ModelVersion) -> dict:
+    """Measure a version again (same protocol) and keep the numbers on it."""
+    metrics = evaluate_model(
+        project=version.project,
+        gguf=version.gguf_file,
+        parent=version.parent_gguf,
+        index_dir=version.index_path,
+    )
+    version.metrics = version.metrics | {"evaluate": metrics}
+    version.save(update_fields=["metrics"])
+    return metrics

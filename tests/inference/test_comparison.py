@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+
+from inference.comparison import _nice_ticks, comparison_rows, size_quality_chart
+from training.models import ModelVersion
+
+pytestmark = pytest.mark.django_db
+
+
+def test_nice_ticks_cover_the_range_with_round_steps() -> None:
+    assert _nice_ticks(0, 270) == [0, 100, 200, 300]
+    ticks = _nice_ticks(11.3, 12.9)
+    assert ticks[0] <= 11.3 and ticks[-1] >= 12.9
+    steps = {round(b - a, 6) for a, b in zip(ticks, ticks[1:], strict=False)}
+    assert steps == {0.5}
+    assert _nice_ticks(5, 5)  # a single value still gets an axis
+
+
+def _version(project, number: int, quant: str, size: int | None, ppl: float | None) -> ModelVersion:  # type: ignore[no-untyped-def]
+    return ModelVersion.objects.create(
+        project=project, number=number, recipe=f"quantize:{quant}", base_model="b", quant_type=quant,
+        gguf_path="/nonexistent.gguf", metrics={"evaluate": {"size_bytes": size, "perplexity": ppl}},
+    )  # fmt: skip
+
+
+def test_rows_say_how_much_smaller_and_the_chart_places_points(project) -> None:  # type: ignore[no-untyped-def]
+    big = _version(project, 1, "q8_0", 145_000_000, 12.0)
+    small = _version(project, 2, "q4_0", 85_000_000, 13.0)
+    unmeasured = _version(project, 3, "q4_1", None, None)
+    rows = comparison_rows([big, small, unmeasured])
+    assert [r.times_smaller for r in rows] == [None, 1.7, None]
+    assert rows[0].kind.startswith("Q8_0")
+    chart = size_quality_chart(rows)
+    assert chart is not None and len(chart.points) == 2  # the unmeasured version has no point
+    p_big, p_small = chart.points
+    left, top, right, bottom = chart.plot
+    assert p_small.x < p_big.x  # smaller file further left
+    assert p_big.y > p_small.y  # lower perplexity (better) is drawn lower: larger SVG y
+    assert all(left <= p.x <= right and top <= p.y <= bottom for p in chart.points)
+    assert "/about/" in p_big.href
+
+
+def test_no_chart_without_measurements(project) -> None:  # type: ignore[no-untyped-def]
+    assert size_quality_chart(comparison_rows([_version(project, 1, "q8_0", None, None)])) is None
