@@ -4,6 +4,7 @@ version's page, and its downloads arrive."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
@@ -85,8 +86,8 @@ def test_compare_versions_then_open_one_and_download_its_files(live_server, page
     with page.expect_download() as download:
         page.get_by_role("link", name="Ollama Modelfile").click()
     assert download.value.suggested_filename == "Modelfile"
-    assert f"FROM ./{project.slug}-v3-q4_0.gguf" in open(download.value.path()).read()
+    assert f"FROM ./{project.slug}-v3-q4_0.gguf" in Path(download.value.path()).read_text()
     with page.expect_download() as download:
         page.get_by_role("link", name="Model card").click()
-    card = open(download.value.path()).read()
+    card = Path(download.value.path()).read_text()
     assert card.startswith(f"# {project.name} v3") and "| Perplexity | 18.270 |" in card
