@@ -21,7 +21,10 @@ def _is_chatml(version: ModelVersion) -> bool:
     """Whether the GGUF's own chat template is ChatML (SmolLM2's), read from its metadata."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(version.gguf_file)).fields.get("tokenizer.chat_template")
+    try:
+        field = GGUFReader(str(version.gguf_file)).fields.get("tokenizer.chat_template")
+    except (OSError, ValueError):  # the file is gone or unreadable: say nothing about its template
+        return False
     if field is None:
         return False
     return "<|im_start|>" in bytes(field.parts[field.data[0]]).decode("utf-8", "replace")

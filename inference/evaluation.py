@@ -13,6 +13,7 @@ A number that does not apply (no parent, no pairs, no text) is None, never inven
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +25,15 @@ from projects.models import InstructionPair, Project
 from projects.services import documents_held_out_text
 from training.embedding import shared_embedder
 from training.ml import evaluate, quantize
+from training.ml.rag import HybridIndex
 from training.models import ModelVersion
 from training.services import build_candidates
 from training.steps import BuildCancelled, StepContext, register
 
-from .retriever import index_at
+from .engines.llama import engines
 from .services import ChatSettings, answer_from
+
+log = logging.getLogger(__name__)
 
 # The keys `manage.py evaluate` prints (a contract), then the others a version keeps.
 CONTRACT_KEYS = (
@@ -68,6 +72,7 @@ def evaluate_model(
     metrics: dict = dict.fromkeys(CONTRACT_KEYS + OTHER_KEYS)
 
     held = documents_held_out_text(project=project)
+    score = None
     if held.text.strip():
         report(
             "perplexity on held-out document text" + (" and KL divergence to the parent" if parent else "")
@@ -78,6 +83,9 @@ def evaluate_model(
             )
         except evaluate.EvaluationStopped:
             raise BuildCancelled from None
+        except ValueError as exc:  # a text of a token or two: nothing to measure, so no number
+            log.info("no perplexity for %s: %s", gguf.name, exc)
+    if score is not None:
         metrics |= {
             "perplexity": _round(score.perplexity, 4),
             "bits_per_byte": _round(score.bits_per_byte, 4),
@@ -95,15 +103,20 @@ def evaluate_model(
     )
     if pairs:
         report(f"answering {len(pairs)} held-out questions")
-        index = index_at(index_dir) if index_dir is not None else None
+        # Opened for this evaluation only: the worker must not keep every build's index open.
+        index = HybridIndex.open(index_dir, shared_embedder()) if index_dir is not None else None
         chat = ChatSettings(temperature=0.0, max_tokens=settings.EVAL_ANSWER_TOKENS)
         answers = []
-        for pair in pairs:
-            if stop():
-                raise BuildCancelled
-            question = "\n\n".join(filter(None, [pair.instruction, pair.input]))
-            answer = answer_from(gguf=gguf, index=index, question=question, history=[], chat=chat)
-            answers.append(answer.complete().text)
+        try:
+            for pair in pairs:
+                if stop():
+                    raise BuildCancelled
+                question = "\n\n".join(filter(None, [pair.instruction, pair.input]))
+                answer = answer_from(gguf=gguf, index=index, question=question, history=[], chat=chat)
+                answers.append(answer.complete().text)
+        finally:
+            if index is not None:
+                index.close()
         references = [pair.response for pair in pairs]
         vectors = shared_embedder().embed(answers + references)
         similarity = (vectors[: len(pairs)] * vectors[len(pairs) :]).sum(axis=1)
@@ -142,14 +155,17 @@ def evaluate_step(ctx: StepContext) -> dict:
         def report(message: str, i: int = i, name: str = name) -> None:
             ctx.progress(i, len(candidates), f"{name}: {message}", force=True)
 
-        results[candidate.label] = evaluate_model(
-            project=ctx.build.project,
-            gguf=candidate.gguf,
-            parent=candidate.parent,
-            index_dir=candidate.index_dir,
-            report=report,
-            should_stop=ctx.cancel_requested,
-        )
+        try:
+            results[candidate.label] = evaluate_model(
+                project=ctx.build.project,
+                gguf=candidate.gguf,
+                parent=candidate.parent,
+                index_dir=candidate.index_dir,
+                report=report,
+                should_stop=ctx.cancel_requested,
+            )
+        finally:
+            engines.drop(candidate.gguf)  # the worker keeps no model a build only measured
         ctx.log(f"{name}: {_summary(results[candidate.label])}")
     ctx.progress(len(candidates), len(candidates), f"{len(candidates)} model(s) measured", force=True)
     return {"models": results}
@@ -168,12 +184,14 @@ def _summary(m: dict) -> str:
 
 
 def version_evaluate(*, version: ModelVersion) -> dict:
-    """Measure a version again (same protocol) and keep the numbers on it."""
+    """Measure a version again (same protocol) and keep the numbers on it. A parent or index
+    that is gone (a cleared model cache) leaves its numbers null rather than failing."""
+    parent, index = version.parent_gguf, version.index_path
     metrics = evaluate_model(
         project=version.project,
         gguf=version.gguf_file,
-        parent=version.parent_gguf,
-        index_dir=version.index_path,
+        parent=parent if parent is not None and parent.is_file() else None,
+        index_dir=index if index is not None and (index / "manifest.json").is_file() else None,
     )
     version.metrics = version.metrics | {"evaluate": metrics}
     version.save(update_fields=["metrics"])

@@ -459,3 +459,19 @@ def documents_held_out_text(*, project: Project, min_chars: int = 2000) -> HeldO
     if sum(len(t) for t in held) >= min_chars:
         return HeldOutText("\n\n".join(held), len(held), held_out=True)
     return HeldOutText("\n\n".join(everything), len(everything), held_out=False)
+
+
+def documents_training_text(*, project: Project) -> list[str]:
+    """The sections a build may learn or calibrate from: all but the held-out ones."""
+    texts: list[str] = []
+    for document in project.documents.filter(status=Document.Status.PARSED).order_by("pk"):
+        parsed = document_parsed(document=document)
+        if parsed is None:
+            continue
+        for index, section in enumerate(parsed.sections):
+            text = "\n".join(filter(None, [section.heading, section.text])).strip()
+            if text and not section_is_held_out(
+                document=document, index=index, eval_fraction=project.eval_fraction
+            ):
+                texts.append(text)
+    return texts

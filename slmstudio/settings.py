@@ -209,6 +209,8 @@ BUILD_HEARTBEAT_SECONDS = env_int("BUILD_HEARTBEAT_SECONDS", 5)
 BUILD_STALE_SECONDS = env_int("BUILD_STALE_SECONDS", 60)
 # How many times a build is started (first run plus re-queues after a lost worker).
 BUILD_MAX_ATTEMPTS = env_int("BUILD_MAX_ATTEMPTS", 3)
+# Seconds a whole build may run (its task's soft time limit); a build past it fails with a message.
+BUILD_TIME_LIMIT = env_int("BUILD_TIME_LIMIT", 4 * 3600)
 # Prepared base models (the bundled GGUF dequantized once, unchanged bases converted to F16),
 # shared by every build. Tests point it at one folder for the whole run.
 MODEL_CACHE_DIR = Path(env_str("MODEL_CACHE_DIR", str(DATA_DIR / "models"))).resolve()
@@ -217,6 +219,8 @@ MODEL_CACHE_DIR = Path(env_str("MODEL_CACHE_DIR", str(DATA_DIR / "models"))).res
 EVAL_MAX_TOKENS = env_int("EVAL_MAX_TOKENS", 2048)
 EVAL_MAX_PAIRS = env_int("EVAL_MAX_PAIRS", 8)
 EVAL_ANSWER_TOKENS = env_int("EVAL_ANSWER_TOKENS", 96)
+# Calibration tokens for an importance matrix (recipe item "imatrix"), from the training sections.
+IMATRIX_MAX_TOKENS = env_int("IMATRIX_MAX_TOKENS", 4096)
 # "auto" embeds in bfloat16 on CPUs that multiply it in hardware (2.5x faster, same vectors to
 # a cosine distance of 3e-5) and in float32 elsewhere; "float32" or "bfloat16" force one.
 EMBEDDING_PRECISION = env_str("EMBEDDING_PRECISION", "auto")

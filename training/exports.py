@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .ml import gguf_convert, quantize
 from .models import ModelVersion
-from .registry import BaseNotConvertible, base_model_weights
+from .registry import BaseNotConvertible, base_model_weights, base_model_weights_path
 
 EXPORT_TYPES = ("f32", "f16", "bf16", *quantize.QUANT_TYPES)
 
@@ -37,6 +37,10 @@ def version_export_gguf(*, version: ModelVersion, out: Path, type: str | None = 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not wanted or wanted == version.quant_type:
+        if not version.gguf_file.is_file():
+            raise ExportError(f"The model file of {version.name} is missing: {version.gguf_file}")
+        if out.resolve() == version.gguf_file.resolve():
+            raise ExportError("--out is the version's own file; choose another path.")
         shutil.copyfile(version.gguf_file, out)
         made = "copied"
     elif wanted in ("f32", "f16", "bf16"):
@@ -55,8 +59,12 @@ def version_export_gguf(*, version: ModelVersion, out: Path, type: str | None = 
 
 
 def _weights(version: ModelVersion) -> Path:
-    if version.hf_path is not None and (version.hf_path / "config.json").is_file():
-        return version.hf_path
+    if version.hf_path is not None:
+        if (version.hf_path / "config.json").is_file():
+            return version.hf_path
+        # Its own weights (a trained or pruned model) are gone: the base's would be another model.
+        if version.base is None or version.hf_path != base_model_weights_path(version.base):
+            raise ExportError(f"The weights of {version.name} are missing: {version.hf_path}")
     if version.base is None:
         raise ExportError(f"{version.name} records no weights to convert from; export it as built.")
     try:

@@ -2,6 +2,7 @@
 
     rag                          index the documents; answer with the base model, citing them
     quantize:q8_0,quantize:q4_k_m  convert the base model and quantize it to each type
+    quantize:q4_k_m,imatrix      the same, guided by an importance matrix from the documents
     rag,quantize:q4_k_m          both: the quantized models answer from the documents
     check                        read documents and check pairs only (makes no model)
 
@@ -78,6 +79,7 @@ class Plan:
     produces_model: bool
     rag: bool
     quantize: tuple[str, ...]
+    imatrix: bool = False
 
 
 def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
@@ -90,11 +92,13 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
         if items != ["check"] * len(items):
             raise RecipeError("“check” makes no model and cannot be combined with other items.")
         return Plan("check", RECIPES["check"].step_list(), produces_model=False, rag=False, quantize=())
-    rag = False
+    rag = imatrix = False
     types: list[str] = []
     for item in items:
         if item == "rag":
             rag = True
+        elif item == "imatrix":
+            imatrix = True
         elif item.startswith("quantize:"):
             qtype = item.removeprefix("quantize:")
             if qtype not in QUANTIZE_TYPES:
@@ -102,16 +106,22 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
             if qtype not in types:
                 types.append(qtype)
         else:
-            raise RecipeError(f"Unknown recipe item “{item}”. Use rag, quantize:<type> or check.")
+            raise RecipeError(f"Unknown recipe item “{item}”. Use rag, quantize:<type>, imatrix or check.")
     steps: list[dict] = [{"name": "parse", "params": {}}]
     if rag:
         steps.append({"name": "rag", "params": {}})
     if types or not base_has_gguf:
         steps += [{"name": "base", "params": {}}, {"name": "convert", "params": {"type": "f16"}}]
-    steps += [{"name": "quantize", "params": {"type": t}} for t in types]
+    if imatrix and not types:
+        raise RecipeError("“imatrix” guides quantization: add at least one quantize:<type> item.")
+    steps += [
+        {"name": "quantize", "params": {"type": t} | ({"imatrix": True} if imatrix else {})} for t in types
+    ]
     steps.append({"name": "evaluate", "params": {}})
-    normalised = ",".join((["rag"] if rag else []) + [f"quantize:{t}" for t in types])
-    return Plan(normalised, steps, produces_model=True, rag=rag, quantize=tuple(types))
+    normalised = ",".join(
+        (["rag"] if rag else []) + [f"quantize:{t}" for t in types] + (["imatrix"] if imatrix else [])
+    )
+    return Plan(normalised, steps, produces_model=True, rag=rag, quantize=tuple(types), imatrix=imatrix)
 
 
 def recipe_label(recipe: str) -> str:
@@ -126,6 +136,7 @@ def recipe_label(recipe: str) -> str:
     if plan.rag:
         parts.append("answers from your documents")
     if plan.quantize:
+        # Whether an importance matrix was really used is the quantize step's to say (imatrix_tokens).
         parts.append("quantized to " + ", ".join(t.upper() for t in plan.quantize))
     text = "; ".join(parts)
     return text[:1].upper() + text[1:] if text else recipe

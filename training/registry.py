@@ -17,6 +17,7 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
 from django.utils.text import slugify
 
 from .ml import base_models
@@ -33,16 +34,20 @@ def base_model_default() -> BaseModel:
     """The bundled SmolLM2-135M-Instruct row, created on first use and kept pointing at the
     installed file (a new virtualenv moves site-packages)."""
     gguf = bundled_llm_gguf()
-    base = BaseModel.objects.filter(slug=BUNDLED_SLUG).first()
+    base = BaseModel.objects.filter(kind=BaseModel.Kind.BUNDLED).first()
     if base is None:
-        base = BaseModel.objects.create(
-            slug=BUNDLED_SLUG,
-            name="SmolLM2-135M-Instruct (bundled)",
-            kind=BaseModel.Kind.BUNDLED,
-            source=f"{gguf.distribution} {gguf.version}",
-            gguf_path=str(gguf.path),
-            info=_info(gguf.path),
-        )
+        try:
+            with transaction.atomic():
+                base = BaseModel.objects.create(
+                    slug=BUNDLED_SLUG,
+                    name="SmolLM2-135M-Instruct (bundled)",
+                    kind=BaseModel.Kind.BUNDLED,
+                    source=f"{gguf.distribution} {gguf.version}",
+                    gguf_path=str(gguf.path),
+                    info=_info(gguf.path),
+                )
+        except IntegrityError:  # another process created it first
+            base = BaseModel.objects.get(kind=BaseModel.Kind.BUNDLED)
     elif base.gguf_path != str(gguf.path):
         base.gguf_path, base.info = str(gguf.path), _info(gguf.path)
         base.save(update_fields=["gguf_path", "info"])
@@ -80,8 +85,12 @@ def base_model_register(*, source: str, name: str = "", user: AbstractBaseUser |
                 raise ValidationError("Register a model folder (config.json + safetensors) or a .gguf file.")
         elif HUB_ID.match(source):
             target = Path(settings.MODEL_CACHE_DIR) / "base" / slug / "hf"
+            # No row holds this slug, so a folder there is left from a failed attempt.
+            shutil.rmtree(target.parent, ignore_errors=True)
             downloaded = base_models.download_hub_model(source, target)
             info = base_models.inspect_model(downloaded)
+            if info.architecture not in CONVERTIBLE:
+                shutil.rmtree(target.parent, ignore_errors=True)
             kind, hf_dir, gguf_path = BaseModel.Kind.HUB, stored_path(downloaded), ""
         else:
             raise ValidationError(f"“{source}” is neither a file or folder on this server nor a hub id.")
@@ -107,7 +116,8 @@ def base_model_register(*, source: str, name: str = "", user: AbstractBaseUser |
 def _unique_slug(name: str) -> str:
     stem = slugify(name)[:80] or "model"
     slug, n = stem, 2
-    while BaseModel.objects.filter(slug=slug).exists():
+    # The bundled model's slug stays its own even before its row exists.
+    while slug == BUNDLED_SLUG or BaseModel.objects.filter(slug=slug).exists():
         slug, n = f"{stem}-{n}", n + 1
     return slug
 
@@ -116,18 +126,32 @@ class BaseNotConvertible(Exception):
     """The base has no weights to convert (a quantized GGUF registered on its own)."""
 
 
+def base_has_weights(base: BaseModel) -> bool:
+    """Whether builds can convert (and so quantize or train) this base."""
+    return base.hf_path is not None or base.kind == BaseModel.Kind.BUNDLED
+
+
+def base_model_weights_path(base: BaseModel) -> Path | None:
+    """Where `base_model_weights` puts (or finds) the weights, without preparing them."""
+    if base.hf_path is not None:
+        return base.hf_path
+    if base.kind != BaseModel.Kind.BUNDLED or base.gguf_file is None:
+        return None
+    return Path(settings.MODEL_CACHE_DIR) / "base" / base.slug / _fingerprint(base.gguf_file) / "hf"
+
+
 def base_model_weights(base: BaseModel, *, progress: Callable[[int, int], None] | None = None) -> Path:
     """The safetensors folder of `base`; the bundled GGUF is dequantized into the cache once."""
     if base.hf_path is not None:
         if not (base.hf_path / "config.json").is_file():
             raise BaseNotConvertible(f"The folder of {base.name} ({base.hf_path}) is gone or incomplete.")
         return base.hf_path
-    if base.kind != BaseModel.Kind.BUNDLED or base.gguf_file is None:
+    target = base_model_weights_path(base)
+    if target is None or base.gguf_file is None:
         raise BaseNotConvertible(
             f"{base.name} is a GGUF file without its original weights: it can answer from documents, "
             "but it cannot be converted or quantized again. Register its safetensors folder instead."
         )
-    target = Path(settings.MODEL_CACHE_DIR) / "base" / base.slug / _fingerprint(base.gguf_file) / "hf"
     if not (target / "config.json").is_file():
         try:
             base_models.dequantize_gguf_to_hf(base.gguf_file, target, progress=progress)

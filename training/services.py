@@ -23,7 +23,7 @@ from slmstudio.lib.workers import worker_id, worker_is_dead
 
 from .models import BaseModel, Build, BuildLog, BuildStep, ModelVersion, stored_path
 from .recipes import DEFAULT_RECIPE, RecipeError, recipe_plan
-from .registry import base_model_default
+from .registry import base_has_weights, base_model_default
 from .steps import STEP_RUNNERS, BuildCancelled, StepContext, StepError, build_outputs
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ def build_start(
             plan = recipe_plan(recipe, base_has_gguf=bool(base.gguf_path))
         except RecipeError as exc:
             raise ValidationError(str(exc)) from None
+        if plan.quantize and not base_has_weights(base):
+            raise ValidationError(
+                f"{base.name} is a GGUF file without its original weights: it can answer from documents, "
+                "but not be quantized again. Register its safetensors folder to quantize it."
+            )
         recipe, steps = plan.recipe, plan.steps
     step_list = [s | {"params": s.get("params", {}) | (params or {}).get(s["name"], {})} for s in steps]
     unknown = [s["name"] for s in step_list if s["name"] not in STEP_RUNNERS]
@@ -134,7 +139,7 @@ def build_run(*, build_id: int) -> None:
             _step_finished(step, BuildStep.Status.FAILED)
             _build_finished(
                 build, me, Build.Status.FAILED,
-                error="The build ran past its time limit. Try a smaller recipe or raise TASK_SOFT_TIME_LIMIT.",
+                error="The build ran past its time limit. Try a smaller recipe or raise BUILD_TIME_LIMIT.",
             )  # fmt: skip
         except Exception as exc:
             log.exception("build %s failed in step %s", build_id, step)

@@ -289,7 +289,7 @@ def convert_step(ctx: StepContext) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         convert(weights, out)
     ctx.output("parent_gguf", out)
-    ctx.progress(1, 1, f"{out_type.upper()} GGUF written", force=True)
+    ctx.progress(1, 1, f"{out_type.upper()} GGUF: {out.stat().st_size / 1e6:.1f} MB", force=True)
     return {
         "type": out_type,
         "size_bytes": out.stat().st_size,
@@ -314,10 +314,11 @@ def quantize_step(ctx: StepContext) -> dict:
     parent = ctx.outputs().get("parent_gguf")
     if parent is None:
         raise StepError("There is no GGUF to quantize; the recipe lacks a convert step.")
+    imatrix = _imatrix(ctx) if ctx.step.params.get("imatrix") else None
     ctx.progress(0, 1, f"Quantizing to {qtype.upper()}", force=True)
     out = ctx.workdir / f"model-{qtype}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = quantize.quantize_gguf(parent, out, qtype)
+    result = quantize.quantize_gguf(parent, out, qtype, imatrix=imatrix.values if imatrix else None)
     ctx.output(f"gguf:{qtype}", out)
     parent_size = parent.stat().st_size
     ctx.log(
@@ -329,7 +330,12 @@ def quantize_step(ctx: StepContext) -> dict:
             else ""
         )
     )
-    ctx.progress(1, 1, f"{qtype.upper()} written", force=True)
+    ctx.progress(
+        1,
+        1,
+        f"{qtype.upper()}: {result.size_bytes / 1e6:.1f} MB, {result.bits_per_weight:.2f} bits per weight",
+        force=True,
+    )
     return {
         "type": qtype,
         "size_bytes": result.size_bytes,
@@ -337,5 +343,58 @@ def quantize_step(ctx: StepContext) -> dict:
         "bits_per_weight": round(result.bits_per_weight, 3),
         "tensor_types": result.tensor_types,
         "fallback_tensors": result.fallback_tensors,
+        "imatrix_tokens": imatrix.tokens if imatrix else None,
         "seconds": round(result.seconds, 2),
     }
+
+
+@dataclass(frozen=True)
+class _Imatrix:
+    values: dict
+    tokens: int
+
+
+def _imatrix(ctx: StepContext) -> _Imatrix | None:
+    """The importance matrix of this build's model over the project's training sections (never
+    the held-out ones the evaluation reads), computed once per build and kept beside its steps."""
+    import numpy as np
+
+    from projects.services import documents_held_out_text, documents_training_text
+
+    from .ml import base_models, quantize
+
+    path = ctx.workdir.parent / "imatrix.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            values = {name: stored[name] for name in stored.files if name != "__tokens__"}
+            return _Imatrix(values, int(stored["__tokens__"]))
+    project = ctx.build.project
+    if not documents_held_out_text(project=project).held_out:
+        # Evaluation then reads all the text; calibrating on it would flatter the numbers.
+        ctx.log(
+            "Too little document text to keep calibration apart from evaluation; quantizing without an "
+            "importance matrix.",
+            "warning",
+        )
+        return None
+    texts = documents_training_text(project=project)
+    weights = ctx.outputs().get("hf_dir")
+    if not texts or weights is None:
+        ctx.log("No training text to compute an importance matrix from; quantizing without one.", "warning")
+        return None
+    ctx.progress(0, 1, "Measuring which weights matter on your documents (importance matrix)", force=True)
+    model, tokenizer = base_models.load_causal_lm(weights)
+    tokens = 0
+    for text in texts:  # what compute_imatrix will read: the texts joined with EOS, cut at the budget
+        tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if tokens >= settings.IMATRIX_MAX_TOKENS:
+            break
+    tokens = min(tokens, settings.IMATRIX_MAX_TOKENS)
+    values = quantize.compute_imatrix(model, tokenizer, texts, max_tokens=settings.IMATRIX_MAX_TOKENS)
+    del model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, __tokens__=np.asarray(tokens), **values)
+    tmp.replace(path)
+    ctx.log(f"Importance matrix from {tokens} tokens of your documents' training sections.")
+    return _Imatrix(values, tokens)

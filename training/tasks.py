@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 
 
 def _run_build_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def]
@@ -11,7 +12,15 @@ def _run_build_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type
 
 # acks_late + prefetch 1: a message is only acknowledged once the build has run. Redelivery is
 # harmless because build_run claims the row with a conditional UPDATE.
-@shared_task(acks_late=True, ignore_result=True, on_failure=_run_build_failure)
+# A build converts, quantizes, measures (and later trains): far longer than the 10 minutes other
+# tasks get, so it has its own limits.
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    on_failure=_run_build_failure,
+    soft_time_limit=settings.BUILD_TIME_LIMIT,
+    time_limit=settings.BUILD_TIME_LIMIT + 120,
+)
 def run_build_task(build_id: int) -> None:
     from .services import build_run
 

@@ -36,9 +36,12 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     project = project_or_404(request, slug)
     recipe = request.POST.get("recipe", "")
     if not recipe:
-        items = (["rag"] if request.POST.get("rag") else []) + [
-            f"quantize:{t}" for t in request.POST.getlist("quantize")
-        ]
+        types = request.POST.getlist("quantize")
+        items = (
+            (["rag"] if request.POST.get("rag") else [])
+            + [f"quantize:{t}" for t in types]
+            + (["imatrix"] if types and request.POST.get("imatrix") else [])
+        )
         recipe = ",".join(items) or DEFAULT_RECIPE
     base = None
     if request.POST.get("base"):

@@ -333,6 +333,14 @@ class EngineCache:
                 evicted.close()
             return engine
 
+    def drop(self, gguf_path: Path) -> None:
+        """Close every engine of this model (a build evaluated it and is done with it)."""
+        path = Path(gguf_path).absolute()
+        with self._lock:
+            dropped = [self._engines.pop(key) for key in list(self._engines) if key[0] == path]
+        for engine in dropped:
+            engine.close()
+
     def close_all(self) -> None:
         with self._lock:
             evicted = list(self._engines.values())

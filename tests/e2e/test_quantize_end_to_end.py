@@ -14,7 +14,9 @@ from projects.models import InstructionPair
 from projects.services import documents_ingest_paths, pair_create
 from training.models import ModelVersion
 
-pytestmark = pytest.mark.django_db
+# Without a wrapping test transaction the build's task (eager in tests) runs as the build row
+# commits, so `--wait` finds it finished.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 MANUAL = "\n\n".join(
     f"## Section {i}\n\nThe P-200 pump must be serviced every {i + 2} months. Check the inlet valve, "
@@ -46,7 +48,9 @@ def test_quantize_build_from_the_bundled_base(project, owner, tmp_path, settings
         pair.split = InstructionPair.Split.EVAL
         pair.save()
 
-    printed = _command("build", project.slug, "--recipe", "quantize:q8_0,quantize:q4_k_m", "--wait")
+    printed = _command(
+        "build", project.slug, "--recipe", "quantize:q8_0,quantize:q4_k_m", "--wait", "--timeout", "900"
+    )
     assert printed["status"] == "succeeded", printed.get("error")
     assert {"build", "status", "model_version", "metrics", "model_versions"} <= set(printed)
     assert [v["type"] for v in printed["model_versions"]] == ["q8_0", "q4_k_m"]

@@ -129,3 +129,45 @@ def test_registry_refuses_pickles_and_other_architectures(tmp_path) -> None:  # 
         base_model_register(source=str(pickled))
     with pytest.raises(ValidationError, match="neither a file or folder"):
         base_model_register(source="/no/such/folder")
+
+
+def test_imatrix_from_the_training_sections_guides_quantization(
+    data, owner, tiny_dir, quick_eval, settings, django_capture_on_commit_callbacks
+):  # type: ignore[no-untyped-def]
+    settings.IMATRIX_MAX_TOKENS = 128
+    # Enough sections that some are held out for evaluation and the rest can calibrate.
+    long_manual = "\n\n".join(f"## Part {i}\n\n" + TEXT.replace("#", "") for i in range(120))
+    document_add(
+        project=data, stream=SimpleUploadedFile("long.md", long_manual.encode()), name="long.md", size=None
+    )
+    base = base_model_register(source=str(tiny_dir), name="Tiny Llama")
+    with django_capture_on_commit_callbacks(execute=True):
+        build = build_start(project=data, user=owner, recipe="quantize:q4_0,quantize:q8_0,imatrix", base=base)
+    build.refresh_from_db()
+    assert build.status == Build.Status.SUCCEEDED, build.error
+    steps = {s.params["type"]: s for s in build.steps.filter(name="quantize")}
+    assert all(s.params["imatrix"] for s in steps.values())
+    assert steps["q4_0"].metrics["imatrix_tokens"] == 128 == steps["q8_0"].metrics["imatrix_tokens"]
+    assert any("Importance matrix from 128 tokens" in m for m in build.logs.values_list("message", flat=True))
+    assert build.model_versions.count() == 2
+
+
+def test_no_imatrix_when_calibration_would_be_the_evaluation_text(
+    data, owner, tiny_dir, quick_eval, django_capture_on_commit_callbacks
+):  # type: ignore[no-untyped-def]
+    base = base_model_register(source=str(tiny_dir), name="Tiny Llama")
+    with django_capture_on_commit_callbacks(execute=True):
+        build = build_start(project=data, user=owner, recipe="quantize:q4_0,imatrix", base=base)
+    build.refresh_from_db()
+    assert build.status == Build.Status.SUCCEEDED, build.error
+    assert build.steps.get(name="quantize").metrics["imatrix_tokens"] is None
+    assert build.logs.filter(level="warning", message__contains="apart from evaluation").exists()
+
+
+def test_a_gguf_only_base_cannot_be_quantized(project, owner) -> None:  # type: ignore[no-untyped-def]
+    from training.ml.bundled import bundled_llm_gguf
+
+    gguf_base = base_model_register(source=str(bundled_llm_gguf().path), name="Served as is")
+    assert gguf_base.kind == "gguf" and gguf_base.slug != "smollm2-135m-instruct"
+    with pytest.raises(ValidationError, match="without its original weights"):
+        build_start(project=project, user=owner, recipe="quantize:q8_0", base=gguf_base)

@@ -57,3 +57,13 @@ def test_bad_recipes_say_what_is_wrong(recipe: str, message: str) -> None:
 def test_labels_are_plain_words() -> None:
     assert recipe_label("rag,quantize:q4_k_m") == "Answers from your documents; quantized to Q4_K_M"
     assert recipe_label("nonsense") == "nonsense"
+
+
+def test_imatrix_guides_every_quantize_step() -> None:
+    plan = recipe_plan("imatrix,quantize:q4_k_m,quantize:q4_0")
+    assert plan.recipe == "quantize:q4_k_m,quantize:q4_0,imatrix" and plan.imatrix
+    assert [s["params"] for s in plan.steps if s["name"] == "quantize"] == [
+        {"type": "q4_k_m", "imatrix": True}, {"type": "q4_0", "imatrix": True},
+    ]  # fmt: skip
+    with pytest.raises(RecipeError, match="add at least one quantize"):
+        recipe_plan("rag,imatrix")
