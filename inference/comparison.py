@@ -25,6 +25,7 @@ class Row:
     tokens_per_second: float | None
     peak_memory_bytes: int | None
     times_smaller: float | None  # than the largest version in the table
+    other_text: bool  # its perplexity is over other text than the newest version's (documents changed)
 
     @property
     def size_mb(self) -> float | None:  # decimal megabytes, as on the chart
@@ -43,6 +44,8 @@ class Row:
 def comparison_rows(versions: Sequence[ModelVersion]) -> list[Row]:
     sizes = [v.evaluation.get("size_bytes") for v in versions]
     largest = max((s for s in sizes if s), default=None)
+    texts = [v.evaluation.get("eval_text_sha256") for v in versions]
+    newest_text = next((t for t in texts if t), None)  # versions come newest first
     rows = []
     for version, size in zip(versions, sizes, strict=True):
         m = version.evaluation
@@ -59,6 +62,11 @@ def comparison_rows(versions: Sequence[ModelVersion]) -> list[Row]:
                 tokens_per_second=m.get("tokens_per_second"),
                 peak_memory_bytes=m.get("peak_memory_bytes"),
                 times_smaller=round(largest / size, 1) if largest and size and size < largest else None,
+                other_text=bool(
+                    newest_text
+                    and m.get("perplexity") is not None
+                    and m.get("eval_text_sha256") != newest_text
+                ),
             )
         )
     return rows
@@ -102,10 +110,11 @@ class Chart:
 def size_quality_chart(rows: Sequence[Row]) -> Chart | None:
     """File size (MB) against perplexity on held-out text, one point per version; None when
     fewer than one version has both numbers."""
+    # Perplexities over different text do not compare: only versions measured on the newest text.
     data = [
         (r, r.size_bytes / 1e6, r.perplexity)
         for r in rows
-        if r.size_bytes is not None and r.perplexity is not None
+        if r.size_bytes is not None and r.perplexity is not None and not r.other_text
     ]
     if not data:
         return None
@@ -151,8 +160,8 @@ def size_quality_chart(rows: Sequence[Row]) -> Chart | None:
         height=HEIGHT,
         plot=(left, top, right, bottom),
         points=points,
-        x_ticks=[Tick(round(px(v), 1), _fmt(v)) for v in x_ticks_values],
-        y_ticks=[Tick(round(py(v), 1), _fmt(v)) for v in y_ticks_values],
+        x_ticks=[Tick(round(px(v), 1), _fmt(v, x_ticks_values)) for v in x_ticks_values],
+        y_ticks=[Tick(round(py(v), 1), _fmt(v, y_ticks_values)) for v in y_ticks_values],
         x_label="File size (MB) — smaller is to the left",
         y_label="Perplexity (lower is better)",
     )
@@ -181,5 +190,10 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return ticks
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.0f}" if abs(value) >= 10 or value == int(value) else f"{value:.2g}"
+def _fmt(value: float, ticks: Sequence[float]) -> str:
+    """As many decimals as the tick step needs (16.25 and 16.5 must not both read "16")."""
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
+    decimals = 0
+    while decimals < 6 and abs(round(step, decimals) - step) > 1e-9:
+        decimals += 1
+    return f"{value:.{decimals}f}"

@@ -13,6 +13,7 @@ A number that does not apply (no parent, no pairs, no text) is None, never inven
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import statistics
 from collections.abc import Callable
@@ -55,6 +56,7 @@ OTHER_KEYS = (
     "eval_bytes",
     "eval_pairs",
     "held_out",
+    "eval_text_sha256",  # which text the perplexity is over: equal hashes, comparable numbers
 )
 
 
@@ -94,6 +96,7 @@ def evaluate_model(
             "eval_tokens": score.tokens,
             "eval_bytes": score.bytes,
             "held_out": held.held_out,
+            "eval_text_sha256": hashlib.sha256(held.text.encode()).hexdigest()[:16],
         }
     if stop():
         raise BuildCancelled

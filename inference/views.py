@@ -41,6 +41,7 @@ def models(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     rows = comparison.comparison_rows(list(services.project_versions(project=project)))
     context = project_context(request, project, "models") | {
         "rows": rows,
+        "any_other_text": any(r.other_text for r in rows),
         "chart": comparison.size_quality_chart(rows),
     }
     return render(request, "inference/models.html", context)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -426,15 +427,39 @@ def pairs_export_jsonl(*, project: Project) -> str:
 @dataclass(frozen=True)
 class HeldOutText:
     text: str
-    sections: int  # how many sections it holds
+    paragraphs: int  # how many paragraphs it holds
     held_out: bool  # False: too little text to hold any out, so this is all of it
 
 
-def section_is_held_out(*, document: Document, index: int, eval_fraction: float) -> bool:
-    """Whether a document section is kept out of training for evaluation: a hash of the
-    document's content and the section's place, so it never changes and never leaks."""
-    key = hashlib.sha256(f"{document.sha256}:{index}".encode()).hexdigest()
+def paragraph_is_held_out(*, document: Document, section: int, paragraph: int, eval_fraction: float) -> bool:
+    """Whether a paragraph is kept out of training for evaluation: a hash of the document's
+    content and the paragraph's place, so it never changes and never leaks. Paragraphs rather than
+    sections: a project of a few dozen sections would otherwise hold out a random handful."""
+    key = hashlib.sha256(f"{document.sha256}:{section}:{paragraph}".encode()).hexdigest()
     return pairformats.split_for(key, eval_fraction) == "eval"
+
+
+def _paragraphs(*, project: Project) -> Iterator[tuple[str, bool]]:
+    """Every paragraph of the project's readable documents (a heading joins its first paragraph),
+    with whether it is held out."""
+    for document in project.documents.filter(status=Document.Status.PARSED).order_by("pk"):
+        parsed = document_parsed(document=document)
+        if parsed is None:
+            continue
+        for s_index, section in enumerate(parsed.sections):
+            blocks = [b.strip() for b in section.text.split("\n\n") if b.strip()]
+            if section.heading:
+                blocks = [section.heading + ("\n" + blocks[0] if blocks else "")] + blocks[1:]
+            for p_index, block in enumerate(blocks):
+                yield (
+                    block,
+                    paragraph_is_held_out(
+                        document=document,
+                        section=s_index,
+                        paragraph=p_index,
+                        eval_fraction=project.eval_fraction,
+                    ),
+                )
 
 
 def documents_held_out_text(*, project: Project, min_chars: int = 2000) -> HeldOutText:
@@ -443,35 +468,13 @@ def documents_held_out_text(*, project: Project, min_chars: int = 2000) -> HeldO
     A small project may hold out too little text to measure (under `min_chars`); then all of
     its text is used and `held_out` says so, rather than a perplexity over a dozen tokens.
     """
-    held: list[str] = []
-    everything: list[str] = []
-    for document in project.documents.filter(status=Document.Status.PARSED).order_by("pk"):
-        parsed = document_parsed(document=document)
-        if parsed is None:
-            continue
-        for index, section in enumerate(parsed.sections):
-            text = "\n".join(filter(None, [section.heading, section.text])).strip()
-            if not text:
-                continue
-            everything.append(text)
-            if section_is_held_out(document=document, index=index, eval_fraction=project.eval_fraction):
-                held.append(text)
+    paragraphs = list(_paragraphs(project=project))
+    held = [text for text, held_out in paragraphs if held_out]
     if sum(len(t) for t in held) >= min_chars:
         return HeldOutText("\n\n".join(held), len(held), held_out=True)
-    return HeldOutText("\n\n".join(everything), len(everything), held_out=False)
+    return HeldOutText("\n\n".join(t for t, _ in paragraphs), len(paragraphs), held_out=False)
 
 
 def documents_training_text(*, project: Project) -> list[str]:
-    """The sections a build may learn or calibrate from: all but the held-out ones."""
-    texts: list[str] = []
-    for document in project.documents.filter(status=Document.Status.PARSED).order_by("pk"):
-        parsed = document_parsed(document=document)
-        if parsed is None:
-            continue
-        for index, section in enumerate(parsed.sections):
-            text = "\n".join(filter(None, [section.heading, section.text])).strip()
-            if text and not section_is_held_out(
-                document=document, index=index, eval_fraction=project.eval_fraction
-            ):
-                texts.append(text)
-    return texts
+    """The paragraphs a build may learn or calibrate from: all but the held-out ones."""
+    return [text for text, held_out in _paragraphs(project=project) if not held_out]

@@ -78,7 +78,11 @@ def build_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
 
 def _step_label(step: BuildStep) -> str:
     label = STEP_LABELS.get(step.name, step.name)
-    return f"{label} to {step.params['type'].upper()}" if step.params.get("type") else label
+    if step.name == "quantize":
+        return f"{label} to {step.params.get('type', '').upper()}"
+    if step.name == "convert":
+        return f"{label} ({step.params.get('type', 'f16').upper()})"
+    return label
 
 
 @login_required

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference.comparison import _nice_ticks, comparison_rows, size_quality_chart
+from inference.comparison import _fmt, _nice_ticks, comparison_rows, size_quality_chart
 from training.models import ModelVersion
 
 pytestmark = pytest.mark.django_db
@@ -15,6 +15,13 @@ def test_nice_ticks_cover_the_range_with_round_steps() -> None:
     steps = {round(b - a, 6) for a, b in zip(ticks, ticks[1:], strict=False)}
     assert steps == {0.5}
     assert _nice_ticks(5, 5)  # a single value still gets an axis
+
+
+def test_tick_labels_show_the_decimals_their_step_needs() -> None:
+    ticks = _nice_ticks(16.2, 17.2)
+    labels = [_fmt(t, ticks) for t in ticks]
+    assert len(set(labels)) == len(labels) and labels[0] == "16.0"
+    assert [_fmt(t, [0, 50, 100]) for t in (0, 50, 100)] == ["0", "50", "100"]
 
 
 def _version(project, number: int, quant: str, size: int | None, ppl: float | None) -> ModelVersion:  # type: ignore[no-untyped-def]
@@ -43,3 +50,14 @@ def test_rows_say_how_much_smaller_and_the_chart_places_points(project) -> None:
 
 def test_no_chart_without_measurements(project) -> None:  # type: ignore[no-untyped-def]
     assert size_quality_chart(comparison_rows([_version(project, 1, "q8_0", None, None)])) is None
+
+
+def test_versions_measured_on_other_text_are_flagged_and_left_off_the_chart(project) -> None:  # type: ignore[no-untyped-def]
+    old = _version(project, 1, "q8_0", 145_000_000, 12.0)
+    new = _version(project, 2, "q4_0", 85_000_000, 13.0)
+    old.metrics["evaluate"]["eval_text_sha256"] = "aaaa"
+    new.metrics["evaluate"]["eval_text_sha256"] = "bbbb"
+    rows = comparison_rows([new, old])  # newest first, as the page lists them
+    assert [r.other_text for r in rows] == [False, True]
+    chart = size_quality_chart(rows)
+    assert chart is not None and [p.label for p in chart.points] == ["v2 Q4_0"]
