@@ -32,6 +32,8 @@ import llama_cpp  # noqa: E402
 import llama_cpp.llama_cpp as llama_lib  # noqa: E402
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
+from training.ml.llamacpp import without_extra_buffer_types  # noqa: E402
+
 # For GGUFs whose metadata carries no chat template: the ChatML of the SmolLM2 family we ship.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -79,33 +81,6 @@ class GenerationResult:
         return (self.completion_tokens - 1) / decode_seconds
 
 
-_load_lock = threading.Lock()
-
-
-@contextmanager
-def _without_extra_buffer_types() -> Iterator[None]:
-    """Make Llama() load weights into plain CPU buffers instead of the AMX/repacked ones.
-
-    On AMX CPUs (Sapphire Rapids and later) llama.cpp repacks Q4_0/Q4_1 weights for AMX, and that
-    path segfaults in the first batched decode here (llama.cpp issues #20824, #16315: crashes and
-    wrong results). Llama() takes no argument for `use_extra_bufts`, so the default model params
-    are swapped for the duration of the load; the lock keeps concurrent loads from interleaving.
-    """
-    original = llama_lib.llama_model_default_params
-
-    def params() -> llama_lib.llama_model_params:
-        chosen = original()
-        chosen.use_extra_bufts = False
-        return chosen
-
-    with _load_lock:
-        llama_lib.llama_model_default_params = params
-        try:
-            yield
-        finally:
-            llama_lib.llama_model_default_params = original
-
-
 def _never() -> bool:
     return False
 
@@ -120,7 +95,7 @@ class LlamaEngine:
         lora_path: Path | None = None,
     ) -> None:
         cores = os.cpu_count() or 1
-        with _without_extra_buffer_types():
+        with without_extra_buffer_types():
             self._llm = llama_cpp.Llama(
                 model_path=str(gguf_path),
                 n_ctx=n_ctx,

@@ -34,12 +34,10 @@ import re
 import string
 import subprocess
 import sys
-import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,42 +129,12 @@ def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
 # llama.cpp
 
 
-_load_lock = threading.Lock()
-
-
 def _llama_cpp() -> Any:
-    # As in inference/engines/llama.py: libgomp reads the spin policy once, when llama.cpp's
-    # library loads. A short spin keeps speed when other processes want the CPU too.
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    # Imported late: the package's __init__ has set libgomp's spin policy by now, and importing
+    # this module must stay cheap for code that only wants the metric functions.
     import llama_cpp
 
     return llama_cpp
-
-
-@contextmanager
-def _without_extra_buffer_types() -> Iterator[None]:
-    """Load weights into plain CPU buffers, not AMX-repacked ones (same fix as inference's engine).
-
-    On AMX CPUs llama.cpp repacks Q4_0/Q4_1 weights and that path crashes in the first batched
-    decode (llama.cpp #20824, #16315). Llama() has no argument for `use_extra_bufts`, so the default
-    model params are swapped while it loads. Training must not import inference, hence the copy.
-    """
-    import llama_cpp.llama_cpp as llama_lib
-
-    original = llama_lib.llama_model_default_params
-
-    def params() -> Any:
-        chosen = original()
-        chosen.use_extra_bufts = False
-        return chosen
-
-    with _load_lock:
-        llama_lib.llama_model_default_params = params
-        try:
-            yield
-        finally:
-            llama_lib.llama_model_default_params = original
 
 
 def _load_llama(
@@ -179,9 +147,11 @@ def _load_llama(
     lora: Path | None = None,
 ) -> Any:
     llama_cpp = _llama_cpp()
+    from .llamacpp import without_extra_buffer_types  # the chat engine loads models the same way
+
     if not Path(gguf).is_file():
         raise FileNotFoundError(f"{gguf} does not exist.")
-    with _without_extra_buffer_types():
+    with without_extra_buffer_types():
         return llama_cpp.Llama(
             model_path=str(gguf),
             n_ctx=n_ctx,
