@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from django.urls import reverse
 
+from slmstudio.lib.charts import nice_ticks, padded, tick_label
 from training.models import ModelVersion
 from training.recipes import QUANTIZE_TYPES
 
@@ -120,9 +120,9 @@ def size_quality_chart(rows: Sequence[Row]) -> Chart | None:
         return None
     xs = [x for _, x, _ in data]
     ys = [y for _, _, y in data]
-    x_ticks_values = _nice_ticks(0.0, max(xs))
-    y_low, y_high = _padded(min(ys), max(ys))
-    y_ticks_values = _nice_ticks(y_low, y_high)
+    x_ticks_values = nice_ticks(0.0, max(xs))
+    y_low, y_high = padded(min(ys), max(ys))
+    y_ticks_values = nice_ticks(y_low, y_high)
     x_max = x_ticks_values[-1]
     y_min, y_max = y_ticks_values[0], y_ticks_values[-1]
     left, top, right, bottom = LEFT, TOP, WIDTH - RIGHT, HEIGHT - BOTTOM
@@ -160,40 +160,8 @@ def size_quality_chart(rows: Sequence[Row]) -> Chart | None:
         height=HEIGHT,
         plot=(left, top, right, bottom),
         points=points,
-        x_ticks=[Tick(round(px(v), 1), _fmt(v, x_ticks_values)) for v in x_ticks_values],
-        y_ticks=[Tick(round(py(v), 1), _fmt(v, y_ticks_values)) for v in y_ticks_values],
+        x_ticks=[Tick(round(px(v), 1), tick_label(v, x_ticks_values)) for v in x_ticks_values],
+        y_ticks=[Tick(round(py(v), 1), tick_label(v, y_ticks_values)) for v in y_ticks_values],
         x_label="File size (MB) — smaller is to the left",
         y_label="Perplexity (lower is better)",
     )
-
-
-def _padded(low: float, high: float) -> tuple[float, float]:
-    """A value range with room around the points, never collapsed to zero width."""
-    span = high - low
-    pad = span * 0.15 if span > 0 else max(abs(high) * 0.05, 0.5)
-    return low - pad, high + pad
-
-
-def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
-    first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value < high + step * 0.999:
-        ticks.append(round(value, 10))
-        value += step
-    return ticks
-
-
-def _fmt(value: float, ticks: Sequence[float]) -> str:
-    """As many decimals as the tick step needs (16.25 and 16.5 must not both read "16")."""
-    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
-    decimals = 0
-    while decimals < 6 and abs(round(step, decimals) - step) > 1e-9:
-        decimals += 1
-    return f"{value:.{decimals}f}"

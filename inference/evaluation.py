@@ -170,8 +170,32 @@ def evaluate_step(ctx: StepContext) -> dict:
         finally:
             engines.drop(candidate.gguf)  # the worker keeps no model a build only measured
         ctx.log(f"{name}: {_summary(results[candidate.label])}")
+    baseline = _baseline(ctx, candidates[0].index_dir if candidates else None)
     ctx.progress(len(candidates), len(candidates), f"{len(candidates)} model(s) measured", force=True)
-    return {"models": results}
+    return {"models": results} | ({"baseline": baseline} if baseline else {})
+
+
+def _baseline(ctx: StepContext, index_dir: Path | None) -> dict | None:
+    """A fine-tuned build is compared with the base model it started from, asked the same held-out
+    questions the same way (with the same index). Only for a base that can be served as it is."""
+    if not ctx.build.steps.filter(name__in=("lora", "raft")).exists():
+        return None
+    from training.registry import base_model_default
+
+    base = ctx.build.base or base_model_default()
+    if base.gguf_file is None or not base.gguf_file.is_file():
+        ctx.log(f"{base.name} has no GGUF to serve as it is; the fine-tuned model is not compared with it.")
+        return None
+    ctx.progress(0, 1, f"{base.name}: the same questions, for comparison", force=True)
+    try:
+        metrics = evaluate_model(
+            project=ctx.build.project, gguf=base.gguf_file, parent=None, index_dir=index_dir,
+            should_stop=ctx.cancel_requested,
+        )  # fmt: skip
+    finally:
+        engines.drop(base.gguf_file)
+    ctx.log(f"Base model {base.name}: {_summary(metrics)}")
+    return metrics | {"model": base.name}
 
 
 def _summary(m: dict) -> str:

@@ -69,13 +69,6 @@ def version_by_api_id(*, user: AbstractBaseUser, api_id: str) -> ModelVersion | 
 # --- Retrieval and answers -----------------------------------------------------------------
 
 
-def _location(hit: Hit) -> str:
-    parts = [" › ".join(hit.chunk.heading_path)] if hit.chunk.heading_path else []
-    if hit.chunk.page:
-        parts.append(f"page {hit.chunk.page}")
-    return ", ".join(parts)
-
-
 def retrieve(*, version: ModelVersion, query: str, k: int, mode: str = "hybrid") -> list[Hit]:
     index = index_for(version)
     if index is None or k <= 0 or not query.strip():
@@ -89,7 +82,7 @@ def sources_from_hits(hits: list[Hit]) -> list[dict]:
             "n": n,
             "document_id": hit.chunk.document_id,
             "title": hit.chunk.document_title,
-            "location": _location(hit),
+            "location": hit.chunk.location,
             "section_index": hit.chunk.section_index,
             "page": hit.chunk.page,
             "text": hit.chunk.text,

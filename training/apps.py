@@ -7,4 +7,4 @@ class TrainingConfig(AppConfig):
     name = "training"
 
     def ready(self) -> None:
-        from . import worker  # noqa: F401  (connects the worker start-up sweep)
+        from . import tuning, worker  # noqa: F401  (registers the fine-tuning steps; the worker sweep)

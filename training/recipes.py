@@ -4,6 +4,8 @@
     quantize:q8_0,quantize:q4_k_m  convert the base model and quantize it to each type
     quantize:q4_k_m,imatrix      the same, guided by an importance matrix from the documents
     rag,quantize:q4_k_m          both: the quantized models answer from the documents
+    rag,lora,quantize:q4_k_m     also fine-tune on the instruction pairs first (LoRA)
+    rag,raft                     fine-tune on retrieval-augmented examples (RAFT)
     check                        read documents and check pairs only (makes no model)
 
 `recipe_plan` turns a recipe into the ordered steps a Build runs. Every recipe that makes a model
@@ -80,6 +82,7 @@ class Plan:
     rag: bool
     quantize: tuple[str, ...]
     imatrix: bool = False
+    tune: str = ""  # "lora", "raft" or "" (no fine-tuning)
 
 
 def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
@@ -93,12 +96,19 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
             raise RecipeError("“check” makes no model and cannot be combined with other items.")
         return Plan("check", RECIPES["check"].step_list(), produces_model=False, rag=False, quantize=())
     rag = imatrix = False
+    tune = ""
     types: list[str] = []
     for item in items:
         if item == "rag":
             rag = True
         elif item == "imatrix":
             imatrix = True
+        elif item in ("lora", "raft"):
+            if tune and tune != item:
+                raise RecipeError(
+                    "Choose lora or raft: RAFT already trains a LoRA adapter, on retrieval examples."
+                )
+            tune = item
         elif item.startswith("quantize:"):
             qtype = item.removeprefix("quantize:")
             if qtype not in QUANTIZE_TYPES:
@@ -106,12 +116,19 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
             if qtype not in types:
                 types.append(qtype)
         else:
-            raise RecipeError(f"Unknown recipe item “{item}”. Use rag, quantize:<type>, imatrix or check.")
+            raise RecipeError(
+                f"Unknown recipe item “{item}”. Use rag, lora, raft, quantize:<type>, imatrix or check."
+            )
+    # RAFT trains on retrieved passages, so it needs the index (and the model serves with it).
+    rag = rag or tune == "raft"
     steps: list[dict] = [{"name": "parse", "params": {}}]
     if rag:
         steps.append({"name": "rag", "params": {}})
-    if types or not base_has_gguf:
-        steps += [{"name": "base", "params": {}}, {"name": "convert", "params": {"type": "f16"}}]
+    if types or tune or not base_has_gguf:
+        steps.append({"name": "base", "params": {}})
+        if tune:
+            steps.append({"name": tune, "params": {}})
+        steps.append({"name": "convert", "params": {"type": "f16"}})
     if imatrix and not types:
         raise RecipeError("“imatrix” guides quantization: add at least one quantize:<type> item.")
     steps += [
@@ -119,9 +136,14 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
     ]
     steps.append({"name": "evaluate", "params": {}})
     normalised = ",".join(
-        (["rag"] if rag else []) + [f"quantize:{t}" for t in types] + (["imatrix"] if imatrix else [])
+        (["rag"] if rag else [])
+        + ([tune] if tune else [])
+        + [f"quantize:{t}" for t in types]
+        + (["imatrix"] if imatrix else [])
     )
-    return Plan(normalised, steps, produces_model=True, rag=rag, quantize=tuple(types), imatrix=imatrix)
+    return Plan(
+        normalised, steps, produces_model=True, rag=rag, quantize=tuple(types), imatrix=imatrix, tune=tune
+    )
 
 
 def recipe_label(recipe: str) -> str:
@@ -135,6 +157,10 @@ def recipe_label(recipe: str) -> str:
     parts = []
     if plan.rag:
         parts.append("answers from your documents")
+    if plan.tune == "lora":
+        parts.append("fine-tuned on your instruction pairs (LoRA)")
+    elif plan.tune == "raft":
+        parts.append("fine-tuned to answer from retrieved passages (RAFT)")
     if plan.quantize:
         # Whether an importance matrix was really used is the quantize step's to say (imatrix_tokens).
         parts.append("quantized to " + ", ".join(t.upper() for t in plan.quantize))

@@ -69,6 +69,35 @@ def build_start(
     return build
 
 
+# Which steps a "--set PREFIX.KEY=VALUE" reaches, and under which parameter. LoRA settings apply
+# to RAFT too: RAFT trains a LoRA adapter.
+SETTING_PREFIXES: dict[str, list[tuple[str, str | None]]] = {
+    "lora": [("lora", "overrides"), ("raft", "overrides")],
+    "raft": [("raft", "raft")],
+    "rag": [("rag", None)],
+}
+
+
+def step_settings(assignments: list[str]) -> dict[str, dict]:
+    """`["lora.epochs=1", "rag.chunk_chars=500"]` → step params for build_start. Values stay
+    strings; each step parses and checks its own (an unknown key fails the build with a message)."""
+    params: dict[str, dict] = {}
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        prefix, dot, key = name.strip().partition(".")
+        if not (sep and dot and key) or prefix not in SETTING_PREFIXES:
+            raise ValueError(
+                f"“{assignment}” is not STEP.KEY=VALUE with STEP one of {', '.join(SETTING_PREFIXES)}."
+            )
+        for step, group in SETTING_PREFIXES[prefix]:
+            target = params.setdefault(step, {})
+            if group is None:
+                target[key] = value.strip()
+            else:
+                target.setdefault(group, {})[key] = value.strip()
+    return params
+
+
 def build_cancel(*, build: Build) -> Build:
     """Ask a build to stop. Queued builds stop at once; running ones at their next check."""
     now = timezone.now()
@@ -179,6 +208,11 @@ def build_candidates(build: Build, outputs: dict[str, Path]) -> list[Candidate]:
     return [Candidate(label, base.gguf_file, None, base.hf_path, index)]
 
 
+def _without_history(metrics: dict) -> dict:
+    """A version keeps a training step's numbers, not its step-by-step loss curve (the build has it)."""
+    return {k: v for k, v in metrics.items() if k != "history"}
+
+
 def _versions_create(build: Build) -> list[ModelVersion]:
     """Record the models a finished build produced (once, even if the end is reached twice)."""
     try:
@@ -191,9 +225,10 @@ def _versions_create(build: Build) -> list[ModelVersion]:
         return existing
     base = build.base or base_model_default()
     steps = list(build.steps.all())
-    shared = {s.name: s.metrics for s in steps if s.name not in ("quantize", "evaluate")}
+    shared = {s.name: _without_history(s.metrics) for s in steps if s.name not in ("quantize", "evaluate")}
     per_type = {s.params.get("type"): s.metrics for s in steps if s.name == "quantize"}
-    evaluated = next((s.metrics for s in steps if s.name == "evaluate"), {}).get("models", {})
+    evaluation = next((s.metrics for s in steps if s.name == "evaluate"), {})
+    evaluated = evaluation.get("models", {})
     number = build.project.model_versions.aggregate(n=Max("number"))["n"] or 0
     versions = []
     for n, c in enumerate(build_candidates(build, build_outputs(build)), start=number + 1):
@@ -211,7 +246,9 @@ def _versions_create(build: Build) -> list[ModelVersion]:
                 parent_gguf_path=stored_path(c.parent) if c.parent else "",
                 hf_dir=stored_path(c.hf_dir) if c.hf_dir else "",
                 index_dir=stored_path(c.index_dir) if c.index_dir else "",
-                metrics=metrics | {"evaluate": evaluated.get(c.label, {})},
+                metrics=metrics
+                | {"evaluate": evaluated.get(c.label, {})}
+                | ({"baseline": evaluation["baseline"]} if evaluation.get("baseline") else {}),
             )
         )
     return versions

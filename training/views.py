@@ -12,6 +12,7 @@ from projects.http import project_context, project_or_404
 from slmstudio.http import AuthenticatedRequest
 
 from . import registry, services
+from .charts import loss_chart
 from .models import BaseModel, Build, BuildStep, ModelVersion
 from .recipes import DEFAULT_RECIPE, QUANTIZE_TYPES, recipe_label
 from .steps import STEP_LABELS
@@ -37,12 +38,16 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     recipe = request.POST.get("recipe", "")
     if not recipe:
         types = request.POST.getlist("quantize")
+        tune = request.POST.get("tune", "")
         items = (
             (["rag"] if request.POST.get("rag") else [])
+            + ([tune] if tune in ("lora", "raft") else [])
             + [f"quantize:{t}" for t in types]
             + (["imatrix"] if types and request.POST.get("imatrix") else [])
         )
         recipe = ",".join(items) or DEFAULT_RECIPE
+    # The advanced panel's fields are "lora.KEY"; empty ones keep the defaults.
+    settings = [f"{k}={v}" for k, v in request.POST.items() if k.startswith("lora.") and v.strip()]
     base = None
     if request.POST.get("base"):
         base = BaseModel.objects.filter(slug=request.POST["base"]).first()
@@ -50,7 +55,13 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
             messages.error(request, "That base model is no longer registered; pick another.")
             return redirect("training-builds", slug=project.slug)
     try:
-        build = services.build_start(project=project, user=request.user, recipe=recipe, base=base)
+        build = services.build_start(
+            project=project,
+            user=request.user,
+            recipe=recipe,
+            base=base,
+            params=services.step_settings(settings),
+        )
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
         return redirect("training-builds", slug=project.slug)
@@ -67,7 +78,12 @@ def build_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
         "build": build,
         "recipe_label": recipe_label(build.recipe),
         "versions": list(ModelVersion.objects.filter(build=build).order_by("number")),
-        "steps": [(step, _step_label(step)) for step in build.steps.all()],
+        "steps": [
+            (step, _step_label(step), loss_chart(step.metrics["history"], step.metrics.get("total_steps")))
+            if step.metrics.get("history")
+            else (step, _step_label(step), None)
+            for step in build.steps.all()
+        ],
         "logs": list(build.logs.order_by("-id")[:200])[::-1],
     }
     if request.htmx:

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from inference.comparison import _fmt, _nice_ticks, comparison_rows, size_quality_chart
+from inference.comparison import comparison_rows, size_quality_chart
+from slmstudio.lib.charts import nice_ticks as _nice_ticks
+from slmstudio.lib.charts import tick_label as _fmt
 from training.models import ModelVersion
 
 pytestmark = pytest.mark.django_db

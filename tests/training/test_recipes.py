@@ -47,7 +47,7 @@ def test_check_makes_no_model_and_stands_alone() -> None:
 
 @pytest.mark.parametrize(
     ("recipe", "message"),
-    [("", "empty"), ("quantize:q3_k", "Unknown quantization type"), ("lora", "Unknown recipe item")],
+    [("", "empty"), ("quantize:q3_k", "Unknown quantization type"), ("distill", "Unknown recipe item")],
 )
 def test_bad_recipes_say_what_is_wrong(recipe: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
@@ -67,3 +67,21 @@ def test_imatrix_guides_every_quantize_step() -> None:
     ]  # fmt: skip
     with pytest.raises(RecipeError, match="add at least one quantize"):
         recipe_plan("rag,imatrix")
+
+
+def test_fine_tuning_trains_on_the_base_then_converts_what_it_made() -> None:
+    assert names(recipe_plan("rag,lora,quantize:q4_k_m")) == [
+        "parse", "rag", "base", "lora", "convert:f16", "quantize:q4_k_m", "evaluate",
+    ]  # fmt: skip
+    # RAFT needs the index: it brings the rag step with it.
+    plan = recipe_plan("raft")
+    assert plan.recipe == "rag,raft" and names(plan) == [
+        "parse",
+        "rag",
+        "base",
+        "raft",
+        "convert:f16",
+        "evaluate",
+    ]
+    with pytest.raises(RecipeError, match="Choose lora or raft"):
+        recipe_plan("lora,raft")

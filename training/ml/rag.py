@@ -124,6 +124,14 @@ class Chunk:
     section_index: int  # the (first) source section, so the UI can link to #s-<index>
     text: str  # the passage, without its own heading path
 
+    @property
+    def location(self) -> str:
+        """Where in its document the passage is, as people cite it: "Install › On Debian, page 3"."""
+        parts = [" › ".join(self.heading_path)] if self.heading_path else []
+        if self.page:
+            parts.append(f"page {self.page}")
+        return ", ".join(parts)
+
     def embedding_text(self) -> str:
         """What gets embedded and BM25-indexed: headings carry meaning the passage often lacks.
 

@@ -8,7 +8,7 @@ from projects.models import Project
 from slmstudio.lib.cli import JsonCommand
 from training.models import BaseModel, Build, ModelVersion
 from training.recipes import DEFAULT_RECIPE
-from training.services import build_start
+from training.services import build_start, step_settings
 
 
 class Command(JsonCommand):
@@ -30,6 +30,13 @@ class Command(JsonCommand):
         parser.add_argument("--base", help="base model slug (default: the bundled SmolLM2-135M-Instruct)")
         parser.add_argument("--wait", action="store_true", help="wait until the build ends")
         parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait at most")
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="STEP.KEY=VALUE",
+            help="a step setting, e.g. lora.epochs=1, lora.max_steps=20, lora.rank=8, raft.oracle_fraction=0.8",
+        )
         parser.add_argument("--chunk-chars", type=int, help="rag: passage size in characters")
         parser.add_argument("--overlap-chars", type=int, help="rag: characters repeated between passages")
 
@@ -55,9 +62,12 @@ class Command(JsonCommand):
                 self.fail(f"No base model {base!r}; see python manage.py basemodels.")
         rag_params = {k: v for k, v in (("chunk_chars", chunk_chars), ("overlap_chars", overlap_chars)) if v}
         try:
-            build = build_start(
-                project=target, user=None, recipe=recipe, base=base_model, params={"rag": rag_params}
-            )
+            params = step_settings(options["set"])
+        except ValueError as exc:
+            self.fail(str(exc))
+        params["rag"] = params.get("rag", {}) | rag_params
+        try:
+            build = build_start(project=target, user=None, recipe=recipe, base=base_model, params=params)
         except ValidationError as exc:
             self.fail(" ".join(exc.messages))
         deadline = time.monotonic() + timeout
