@@ -119,6 +119,9 @@ def test_it_parses_overrides_by_field_type() -> None:
     assert settings.precision == "float32"
     assert LoraSettings(max_steps=5).with_overrides({"max_steps": "None"}).max_steps is None
     assert LoraSettings().with_overrides({"gradient_checkpointing": "off"}).gradient_checkpointing is False
+    # Values already typed (JSON step parameters) go through the same parsing.
+    typed = LoraSettings().with_overrides({"target_modules": ["q_proj"], "rank": 4, "max_steps": None})
+    assert (typed.target_modules, typed.rank, typed.max_steps) == (("q_proj",), 4, None)
 
 
 def test_it_rejects_unknown_keys_and_bad_values() -> None:
@@ -310,6 +313,35 @@ def test_a_stopped_or_crashed_run_resumes_to_the_same_adapter(
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 
 
+def test_a_stop_during_an_evaluation_keeps_the_finished_step(
+    base_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import training.ml.lora as lora
+
+    steps = {"done": 0}
+    original = lora._Run._train_step
+
+    def counting(self, indices):
+        steps["done"] += 1
+        return original(self, indices)
+
+    monkeypatch.setattr(lora._Run, "_train_step", counting)
+    settings = LoraSettings(rank=4, max_steps=4, eval_every=2, batch_tokens=256, precision="float32")
+    with pytest.raises(TrainingStopped) as stopped:
+        # Asked before each step and between eval batches: the eval after step 2 sees the stop.
+        train_lora(
+            base_dir, EXAMPLES, EXAMPLES[:2], tmp_path, settings, should_stop=lambda: steps["done"] == 2
+        )
+    assert stopped.value.step == 2
+    assert stopped.value.checkpoint == tmp_path / "checkpoints" / "step-000002"
+
+    result = train_lora(base_dir, EXAMPLES, EXAMPLES[:2], tmp_path, settings)
+    assert result.resumed_from == 2
+    assert [p.step for p in result.history] == [1, 2, 3, 4]
+    assert result.history[1].eval_loss is None  # interrupted; the run goes on without it
+    assert result.history[3].eval_loss == result.eval_loss is not None
+
+
 def test_a_checkpoint_of_other_data_is_refused(base_dir: Path, tmp_path: Path) -> None:
     settings = LoraSettings(rank=4, max_steps=2, batch_tokens=256, checkpoint_every=1, precision="float32")
     train_lora(base_dir, EXAMPLES, [], tmp_path, settings)
@@ -334,6 +366,26 @@ def test_micro_batches_and_gradient_checkpointing_give_the_same_step(base_dir: P
         lora.ACTIVATION_SHARE = tight
     assert split.history[0].train_loss == pytest.approx(whole.history[0].train_loss, rel=1e-5)
     assert split.history[1].train_loss == pytest.approx(whole.history[1].train_loss, rel=1e-4)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped(base_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A random model blew up once on a long row (fp32 gradients overflowed); the run survives it."""
+    import training.ml.lora as lora
+
+    calls = {"n": 0}
+    original = lora._Run._loss_sum
+
+    def overflow_on_the_second_step(self, batch):
+        calls["n"] += 1
+        loss = original(self, batch)
+        return loss * float("inf") if self.model.training and calls["n"] == 2 else loss
+
+    monkeypatch.setattr(lora._Run, "_loss_sum", overflow_on_the_second_step)
+    settings = LoraSettings(rank=4, max_steps=3, batch_tokens=256, precision="float32")
+    result = train_lora(base_dir, EXAMPLES, [], tmp_path, settings)
+    assert [p.train_loss is None for p in result.history] == [False, True, False]
+    adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in adapter.values())
 
 
 def test_gradient_checkpointing_switches_on_only_when_an_example_does_not_fit() -> None:

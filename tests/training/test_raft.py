@@ -8,9 +8,11 @@ from collections.abc import Sequence
 
 import pytest
 
+from training.ml.lora import Example
 from training.ml.prompt import Passage, build_messages, cited_numbers
 from training.ml.raft import (
     RaftSettings,
+    RaftStats,
     RetrievedPassage,
     cite,
     lcs_length,
@@ -64,7 +66,12 @@ def fillers(prefix: str, count: int = 7) -> list[RetrievedPassage]:
     return [passage(f"{prefix}-f{i}", FILLER[i % len(FILLER)]) for i in range(count)]
 
 
-def run(pairs, search, settings=RaftSettings(), n_ctx=N_CTX):  # noqa: B008
+def run(
+    pairs: list[tuple[str, str]],
+    search: FakeSearch,
+    settings: RaftSettings = RaftSettings(),  # noqa: B008
+    n_ctx: int = N_CTX,
+) -> tuple[list[Example], RaftStats]:
     return raft_examples(
         pairs,
         search,
@@ -75,13 +82,13 @@ def run(pairs, search, settings=RaftSettings(), n_ctx=N_CTX):  # noqa: B008
     )
 
 
-def shown(example) -> list[tuple[int, str]]:
+def shown(example: Example) -> list[tuple[int, str]]:
     """(number, title) of each passage in the example's prompt, in order."""
     user = example.messages[-2]["content"]
     return [(int(n), title) for n, title in re.findall(r'<passage n="(\d+)" source="(Doc [^ ]+) —', user)]
 
 
-def reply(example) -> str:
+def reply(example: Example) -> str:
     assert example.messages[-1]["role"] == "assistant"
     return example.messages[-1]["content"]
 
@@ -151,7 +158,7 @@ def test_without_any_support_the_pair_is_kept_with_a_plain_answer() -> None:
 
     assert reply(example) == ANSWER
     assert len(shown(example)) == 4  # as many passages as the chat shows
-    assert stats == stats.__class__(
+    assert stats == RaftStats(
         examples=1,
         with_oracle=0,
         without_oracle=0,

@@ -404,3 +404,67 @@ def test_worker_killed_mid_build_is_recovered(install: Install, tmp_path: Path) 
     assert parse["metrics"]["newly_read"] == KILL_DOCUMENTS - len(parsed_before), parse
     assert parse["metrics"]["pages"] == KILL_DOCUMENTS * KILL_PAGES, parse
     assert install.step_row(build_id, "validate")["status"] == "succeeded"
+
+
+# --- A worker killed mid-training -----------------------------------------------------------
+
+_ADD_PAIRS = """
+import sys
+from projects.models import Project
+from projects.services import pair_create
+project = Project.objects.get(slug=sys.argv[1])
+for i in range(12):
+    pair_create(project=project, instruction=f"How do I reset pump P-{i}00?", input="", response=f"Hold RESET for {i + 2} seconds.")
+print(project.pairs.count())
+"""
+
+
+def test_worker_killed_mid_training_resumes_from_its_checkpoint(install: Install, tmp_path: Path) -> None:
+    from tests.tinymodels import make_tiny_llama
+
+    tiny = make_tiny_llama(tmp_path / "tiny-llama")
+    src = tmp_path / "src"
+    slug = install.prepare(_two_documents(src))
+    install.python(_ADD_PAIRS, slug)
+    install.manage("basemodels", "--add", str(tiny), "--name", "Tiny")
+    first = install.start_worker()
+    started = install.manage(
+        "build", slug, "--recipe", "lora", "--base", "tiny",
+        "--set", "lora.max_steps=400", "--set", "lora.epochs=1000", "--set", "lora.checkpoint_every=20",
+        "--set", "lora.batch_tokens=128", "--set", "lora.eval_every=100",
+    )  # fmt: skip
+    build_id = json.loads(started.stdout)["build"]
+
+    def trained_a_while() -> bool:
+        lora = install.step_row(build_id, "lora")
+        assert install.build_row(build_id)["status"] in ("queued", "running"), install.report("ended early")
+        steps = [p["step"] for p in lora["metrics"].get("history", [])]
+        assert not steps or steps[-1] < 380, install.report("training nearly finished before the kill")
+        return bool(steps) and steps[-1] >= 45
+
+    install.wait_for("training to pass step 45", trained_a_while, timeout=180)
+    first.kill()
+    killed_at = install.step_row(build_id, "lora")["metrics"]["history"][-1]["step"]
+    dead_pid = int(install.build_row(build_id)["claimed_by"].rpartition(":")[2])
+    install.wait_for(f"the killed worker process {dead_pid} to be reaped", lambda: _pid_gone(dead_pid), 20)
+
+    second = install.start_worker(BUILD_STALE_SECONDS="60")
+    install.wait_for(
+        "the build to end after the restart",
+        lambda: install.build_row(build_id)["status"] not in ("queued", "running"),
+        timeout=300,
+    )
+    build = install.build_row(build_id)
+    assert build["status"] == "succeeded" and build["attempts"] == 2, install.report(f"build: {build}")
+    resumed = [
+        m for m in install.build_logs(build_id) if m.startswith("Resumed training from the checkpoint")
+    ]
+    assert resumed, install.report("no resume logged")
+    checkpoint = int(resumed[0].rsplit(" ", 1)[1].rstrip("."))
+    # The last checkpoint before the kill: a multiple of checkpoint_every, at most 20 steps back.
+    assert checkpoint % 20 == 0 and killed_at - 20 <= checkpoint <= killed_at, (checkpoint, killed_at)
+    lora = install.step_row(build_id, "lora")["metrics"]
+    assert lora["steps"] == 400, lora
+    steps = [p["step"] for p in lora["history"] if p["train_loss"] is not None]
+    assert steps == list(range(1, 401)), "the loss curve has a gap or a repeat"
+    assert f"re-queued stale builds [{build_id}]" in second.log(), install.report("no re-queue logged")

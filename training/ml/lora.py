@@ -12,7 +12,8 @@ examples) processed 130 real tokens/s in fp32 and 181 in bf16. This loop differs
 * The output layer runs only at the response positions. For SmolLM2 the 49,152-word output
   projection is a fifth of the forward pass per token, and prompts are usually most of a pair.
 * bf16 autocast with fp32 master weights where the CPU multiplies bf16 in hardware (AMX or
-  AVX512-BF16): 152 against 65 GFLOP/s for matrix products on our reference machine.
+  AVX512-BF16): 152 against 65 GFLOP/s for matrix products on our reference machine. The frozen
+  block weights are stored in bf16 once rather than cast on every pass (bitwise the same).
 * Memory is bounded by splitting a step into micro-batches before resorting to gradient
   checkpointing, which would redo a third of the work (see `_memory_plan`).
 
@@ -22,8 +23,10 @@ state and the torch RNG (`optimizer.pt`, read back with `weights_only=True`), an
 position, history, python and numpy RNG states in `state.json`. A run started on a work_dir that
 has one continues from it. Batch order is a pure function of (seed, epoch), so the only state a
 resume needs is what the checkpoint holds; on the same machine and thread count a resumed run ends
-with bitwise the same adapter as an unbroken one (tested). A different machine or thread count may
-sum in another order, so across machines "the same" means within float rounding.
+with bitwise the same adapter as an unbroken one (tested on the CPU; also seen on an H200). A
+different machine or thread count may sum in another order, so across machines "the same" means
+within float rounding. A step whose gradients are not finite is skipped, not applied (see
+`_train_step`).
 
 Finished runs leave, in one rename each:
 
@@ -39,6 +42,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -72,8 +76,11 @@ __all__ = [
     "train_lora",
 ]
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2
+MAX_BAD_STEPS = 10  # consecutive steps with non-finite gradients before the run is declared diverged
 IGNORE_INDEX = -100  # the label of a token that is not learned (PyTorch's cross-entropy convention)
 
 
@@ -148,7 +155,7 @@ class LoraSettings:
             if key not in known:
                 raise ValueError(f"Unknown LoRA setting {raw_key!r}; known settings: {', '.join(known)}.")
             try:
-                changes[key] = _parse_value(hints[key], str(raw_value).strip())
+                changes[key] = _parse_value(hints[key], _as_text(raw_value))
             except ValueError as exc:
                 raise ValueError(f"lora.{key}: {exc}") from None
         return dataclasses.replace(self, **changes)
@@ -161,6 +168,17 @@ _FALSE = ("false", "no", "off", "0")
 def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     return tuple(item.strip() for item in items if item.strip())
+
+
+def _as_text(value: Any) -> str:
+    """Overrides arrive as strings from a command line, but JSON step parameters may hold values."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    return str(value).strip()
 
 
 def _parse_value(hint: Any, text: str) -> Any:
@@ -444,33 +462,36 @@ class _MemoryPlan:
 def _memory_plan(config: Any, settings: LoraSettings, *, precision: str, memory: int) -> _MemoryPlan:
     """How to keep one step's activations within ACTIVATION_SHARE of memory.
 
-    Estimate per token and layer (fp32 elements, bf16 ones counted as such): what a Llama block
-    keeps for backward with LoRA on every linear layer is about 14 x hidden + 7 x intermediate
-    values (norm inputs and outputs, q/k/v/o, attention output, MLP gate/up/product, the LoRA
-    dropout copies); attention itself is flash-style (kept per token, not per token pair). The
-    output layer adds vocab x 12 bytes per response token (bf16 logits, their fp32 copy and
-    gradient); the estimate charges it for every token. Measured on SmolLM2-135M (bf16): the
-    estimate is 2.4 MB per token against a measured peak of 1.5 MB.
+    Per token, a Llama block with LoRA on every linear layer keeps about 14 x hidden +
+    7 x intermediate values for backward (norm inputs and outputs, q/k/v/o, the attention output,
+    MLP gate/up/product, the LoRA dropout copies), charged at 3 bytes (bf16 and fp32 copies mix)
+    or 4; attention is flash-style, so nothing per token pair. The output layer adds vocab x 12
+    bytes (bf16 logits, their fp32 copy, the gradient), charged to every token although it runs
+    on response tokens only. For SmolLM2-135M with bf16 that is 2.3 MB per token; peak memory
+    measured 1.6 MB more per extra token of a pass, so the estimate errs on the safe side.
 
-    First the step is split into micro-batches (gradient accumulation: same result, no extra
-    work). Gradient checkpointing, which recomputes every block's forward pass in backward (a
-    third more work), is switched on only when a single max_length example does not fit.
+    First the step is split into micro-batches (gradient accumulation: the same result, no extra
+    work). Gradient checkpointing, which recomputes every block's forward pass in backward (about
+    a third more work), is switched on only when not even one max_length example fits; then a
+    token keeps each block's input (4 x hidden bytes per layer) plus one live block.
     """
-    element = 2 if precision == "bfloat16" else 4
+    element = max(3, 2 if precision == "bfloat16" else 4)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
     layers = int(getattr(config, "num_hidden_layers", 0) or 1)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    per_token = layers * (14 * hidden + 7 * intermediate) * max(element, 3) + vocab * 12
+    block = (14 * hidden + 7 * intermediate) * element
+    per_token = layers * block + vocab * 12
     budget = int(memory * ACTIVATION_SHARE)
-    fits = max(1, budget // max(1, per_token))
+    fits = budget // max(1, per_token)
     checkpointing = settings.gradient_checkpointing
     if checkpointing is None:
         checkpointing = fits < settings.max_length
     if checkpointing:
-        # Only each block's input stays (hidden values per token and layer); one block is live at a time.
-        fits = max(1, budget // max(1, layers * hidden * 4 + per_token // layers))
+        per_token = layers * hidden * 4 + block + vocab * 12
+        fits = budget // max(1, per_token)
     return _MemoryPlan(
+        # Never below one max_length row: a row cannot be split, and going lower gains nothing.
         micro_tokens=max(settings.max_length, min(settings.batch_tokens, fits)),
         gradient_checkpointing=bool(checkpointing),
         bytes_per_token=per_token,
@@ -546,8 +567,11 @@ class _Run:
         self.checkpoints = work_dir / "checkpoints"
 
         model, self.tokenizer = load_causal_lm(model_dir)
-        self.train_set = encode(self.tokenizer, train, max_length=settings.max_length)
-        self.eval_set = encode(self.tokenizer, eval_examples, max_length=settings.max_length)
+        # Positions past the model's context were never trained; cut there rather than extrapolate.
+        context = getattr(model.config, "max_position_embeddings", None) or settings.max_length
+        max_length = min(settings.max_length, int(context))
+        self.train_set = encode(self.tokenizer, train, max_length=max_length)
+        self.eval_set = encode(self.tokenizer, eval_examples, max_length=max_length)
         if not any(e.response_tokens for e in self.train_set):
             raise ValueError("There is nothing to train on: no example has response tokens.")
         self.pad_id = next(
@@ -578,6 +602,7 @@ class _Run:
         self.uses_head_shortcut = _plain_lm_head(model.config)
         self._batches: list[list[int]] = []
         self._batches_epoch = -1
+        self.bad_steps = 0  # consecutive steps skipped for non-finite gradients
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -596,11 +621,7 @@ class _Run:
         model.config.use_cache = False
         peft_model = get_peft_model(model, config)
         if self.precision == "bfloat16":
-            # PEFT would cast each LoRA input up to the fp32 weights' dtype, then autocast casts it
-            # back down: two copies per layer for nothing. Autocast handles the dtypes alone.
-            for module in peft_model.modules():
-                if hasattr(module, "cast_input_dtype_enabled"):
-                    module.cast_input_dtype_enabled = False
+            _prepare_for_autocast(peft_model)
         if self.memory.gradient_checkpointing:
             base = peft_model.get_base_model()
             # Non-reentrant: recomputes with the saved RNG state (same dropout masks) and needs no
@@ -661,12 +682,13 @@ class _Run:
             session_tokens += tokens
             session_steps += 1
 
+            stopped = False
             eval_loss = None
             if progress.step % self.eval_every == 0 or progress.step == self.total_steps:
                 measured = self._evaluate(should_stop)
-                if measured is _STOPPED:
-                    self._stop(progress)
-                eval_loss = last_eval = measured
+                stopped = measured is _STOPPED
+                eval_loss = None if stopped else measured
+                last_eval = eval_loss
             per_step = (time.perf_counter() - session_start) / session_steps
             point = TrainPoint(
                 step=progress.step,
@@ -680,15 +702,24 @@ class _Run:
                 eta_seconds=per_step * (self.total_steps - progress.step),
             )
             progress.history.append(point)
+            if stopped:  # during the evaluation: the step itself is done and goes in the checkpoint
+                self._stop(progress)
             if progress.step % self.settings.checkpoint_every == 0 or progress.step == self.total_steps:
                 self._save_checkpoint(progress)
             if on_point is not None:
                 on_point(point)
 
-        if last_eval is None:  # resumed at the very end: the final evaluation is in the history
-            last_eval = next(
-                (p.eval_loss for p in reversed(progress.history) if p.eval_loss is not None), None
-            )
+        if last_eval is None and progress.history:
+            # Resumed at the very end: the final evaluation is in the history, unless a stop
+            # interrupted it.
+            final = progress.history[-1]
+            last_eval = final.eval_loss
+            if last_eval is None:
+                measured = self._evaluate(should_stop)
+                if measured is _STOPPED:
+                    self._stop(progress)
+                last_eval = measured
+                progress.history[-1] = dataclasses.replace(final, eval_loss=measured)
         adapter_dir, merged_dir = self._export()
         recent = [p.train_loss for p in progress.history[-self.steps_per_epoch :] if p.train_loss is not None]
         return LoraResult(
@@ -785,7 +816,7 @@ class _Run:
             parts.append(current)
         return parts
 
-    def _train_step(self, indices: list[int]) -> tuple[float, int]:
+    def _train_step(self, indices: list[int]) -> tuple[float | None, int]:
         import torch
 
         self.model.train()
@@ -801,10 +832,23 @@ class _Run:
             # the step, however it was split into micro-batches.
             (loss_sum / max(1, responses)).backward()
             total += float(loss_sum.detach())
-        torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-        self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        loss = total / max(1, responses)
+        if torch.isfinite(norm):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            # One overflowing batch must not turn the adapter into NaN for good (AMP's grad scaler
+            # skips such steps the same way). The schedule moves on, so step numbers stay aligned.
+            self.bad_steps += 1
+            logger.warning("Step skipped: the gradients are not finite (loss %s).", loss)
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise FloatingPointError(
+                    f"Training diverged: {MAX_BAD_STEPS} steps in a row had non-finite gradients. "
+                    "Try a lower learning_rate or precision=float32."
+                )
         self.scheduler.step()
-        return total / max(1, responses), tokens
+        return (loss if math.isfinite(loss) else None), tokens
 
     def _evaluate(self, should_stop: Callable[[], bool]) -> Any:
         """Mean loss per response token over the eval set; None without one; _STOPPED on stop."""
@@ -823,6 +867,9 @@ class _Run:
                 with self._autocast():
                     total += float(self._loss_sum(batch))
                 count += sum(self.eval_set[i].response_tokens for i in indices)
+        if not math.isfinite(total):
+            logger.warning("The eval loss is not finite.")
+            return None  # callers store it as JSON, which has no NaN
         return total / count
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -937,6 +984,29 @@ def _lr_factor(step: int, *, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _prepare_for_autocast(peft_model: Any) -> None:
+    """Store the frozen linear weights of the decoder blocks in bf16 once, instead of letting
+    autocast cast them again on every forward pass (it caches casts only of weights that require
+    grad). The products are bitwise the same, since autocast would round them to bf16 anyway;
+    memory and per-pass work drop. Embeddings, norms and a tied output layer stay fp32 (they are
+    not cast by autocast, or are shared with something that is not). And PEFT would cast each
+    LoRA input up to its fp32 weights' dtype for autocast to cast it down again: switched off."""
+    import torch
+
+    base = peft_model.get_base_model()
+    keep = {id(p) for p in base.get_input_embeddings().parameters()}
+    head = base.get_output_embeddings()
+    if head is not None:
+        keep |= {id(p) for p in head.parameters()}
+    for module in base.get_decoder().modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+        if isinstance(module, torch.nn.Linear):
+            for param in module.parameters(recurse=False):
+                if not param.requires_grad and id(param) not in keep and param.dtype == torch.float32:
+                    param.data = param.data.to(torch.bfloat16)
 
 
 def _plain_lm_head(config: Any) -> bool:
