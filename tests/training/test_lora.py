@@ -197,7 +197,7 @@ def test_length_buckets_cover_every_example_once_within_the_token_budget() -> No
 # The loop
 
 
-def test_it_memorises_a_small_set(trained) -> None:
+def test_it_memorises_a_small_set(trained, tokenizer) -> None:
     result, points = trained
     assert result.steps == FAST.max_steps == len(result.history)
     assert [p.step for p in points] == list(range(1, FAST.max_steps + 1))
@@ -207,7 +207,18 @@ def test_it_memorises_a_small_set(trained) -> None:
     assert points[-1].eval_loss == result.eval_loss
     assert all(p.tokens_per_second > 0 for p in points)
     assert points[-1].eta_seconds == 0
-    assert result.tokens == points[-1].tokens > 0
+    # Real tokens only: the batches' lengths, without their padding.
+    encoded = encode(tokenizer, EXAMPLES, max_length=FAST.max_length)
+    per_epoch = len(length_buckets(encoded, batch_tokens=FAST.batch_tokens, seed=FAST.seed, epoch=0))
+    expected = sum(
+        len(encoded[i].input_ids)
+        for step in range(FAST.max_steps)
+        for i in length_buckets(
+            encoded, batch_tokens=FAST.batch_tokens, seed=FAST.seed, epoch=step // per_epoch
+        )[step % per_epoch]
+    )
+    assert result.tokens == points[-1].tokens == expected
+    assert points[-1].epoch == pytest.approx(FAST.max_steps / per_epoch)
     assert result.resumed_from is None
 
 
@@ -289,6 +300,11 @@ def test_a_stopped_or_crashed_run_resumes_to_the_same_adapter(
         )
     assert stopped.value.step == 30
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
+    assert {p.name for p in stopped.value.checkpoint.iterdir()} == {
+        "trainable.safetensors",
+        "optimizer.pt",
+        "state.json",
+    }
 
     # 2. Crash at step 47: only the periodic checkpoint of step 40 survives.
     def crash(point: TrainPoint) -> None:

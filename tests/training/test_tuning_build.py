@@ -86,6 +86,10 @@ def test_rag_lora_build_trains_converts_and_serves_the_merged_model(
     # The build page draws the loss curve.
     page = owner_client.get(reverse("training-build-detail", args=[data.slug, build.pk])).content.decode()
     assert "train-line" in page and "Fine-tune on your pairs (LoRA)" in page
+    detail = owner_client.get(reverse("inference-model-detail", args=[data.slug, version.number]))
+    assert (
+        detail.status_code == 200 and "Fine-tuned on your instruction pairs (LoRA)" in detail.content.decode()
+    )
 
 
 def test_raft_build_trains_on_retrieval_examples(data, owner, tiny_dir, django_capture_on_commit_callbacks):  # type: ignore[no-untyped-def]
