@@ -1,6 +1,6 @@
 """LoRA training throughput: our `train_lora` against the seed article's Trainer + PEFT recipe.
 
-    cd /work/main && .venv/bin/python bench/lora_throughput.py [--steps 30] [--bf16-recipe]
+    cd /work/main && .venv/bin/python bench/lora_throughput.py [--steps 30] [--bf16-recipe] [--ours-variants]
 
 Same process, same machine, same thread count, same model (the bundled SmolLM2-135M-Instruct GGUF
 dequantized to fp32 with `training.ml.base_models.dequantize_gguf_to_hf`), same examples, same
@@ -23,11 +23,13 @@ Systems:
                 masks every real <|im_end|>: the loss covers system prompt, question and answer,
                 but never the token that ends a turn.
   recipe-bf16   with --bf16-recipe: the same with TrainingArguments(bf16=True) (FACTS.md measured
-                130 vs 181 tokens/s); off by default to keep the run near five minutes
+                130 vs 181 tokens/s); off by default to keep the default run within about 10 minutes
   ours          training.ml.lora.train_lora with LoraSettings() defaults (r=16, alpha 32, all seven
                 linear layers, bf16 autocast where the CPU has it, response-only loss), except
                 max_steps = the recipe's steps and batch_tokens = the smallest budget whose steps
                 hold, on average, at least as many real tokens as the recipe's 4 chats a step.
+  ours-…        with --ours-variants: ours with LoRA dropout 0 ("ours-dropout0"), and with the
+                recipe's adapter, r=8 on q/k/v, and dropout 0 ("ours-r8-qkv")
 
 Measured:
   real tokens/s   non-padding tokens fed to the optimizer steps / seconds inside those steps
@@ -85,6 +87,12 @@ RECIPE_BATCH = 4
 RECIPE_LR = 2e-4
 SPLIT_SEED = 0
 THROUGHPUT_TARGET = 1.5
+# LoraSettings changes for --ours-variants: which part of our defaults costs throughput.
+OURS_VARIANTS: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "ours-dropout0": {"dropout": 0.0},
+    "ours-r8-qkv": {"rank": 8, "target_modules": ("q_proj", "k_proj", "v_proj"), "dropout": 0.0},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,12 +325,13 @@ def run_ours(
     work_dir: Path,
     *,
     step_done: Callable[[], None],
+    system: str = "ours",
 ) -> tuple[dict[str, Any], Path]:
     """train_lora without an eval set: the bench scores every model itself, and train_lora's own
     evaluations (before, four times during and after the run) would only add wall time."""
     from training.ml.lora import Example, LoraSettings, train_lora
 
-    settings = LoraSettings(max_steps=steps, batch_tokens=batch_tokens)
+    settings = LoraSettings(max_steps=steps, batch_tokens=batch_tokens, **OURS_VARIANTS[system])
     # should_stop is asked right before each step and on_point called right after it (with no
     # eval set nothing else runs in between but a checkpoint every 25 steps): CPU time of the steps.
     cpu = {"seconds": 0.0, "started": 0.0}
@@ -347,7 +356,7 @@ def run_ours(
     )
     step_seconds = result.history[-1].seconds if result.history else 0.0
     row = {
-        "system": "ours",
+        "system": system,
         "precision": None,  # filled in by the caller from the CPU
         "steps": result.steps,
         "real_tokens": result.tokens,
@@ -442,7 +451,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 def fmt_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'system':<12} {'precision':<14} {'steps':>5} {'real tok/step':>13} {'padded/step':>11} "
+        f"{'system':<14} {'precision':<14} {'steps':>5} {'real tok/step':>13} {'padded/step':>11} "
         f"{'step s':>7} {'real tok/s':>10} {'per CPU-s':>9} {'eval NLL':>8} {'ans. only':>9} {'own s':>7}"
     )
     lines = [header, "-" * len(header)]
@@ -450,12 +459,12 @@ def fmt_table(rows: list[dict[str, Any]]) -> str:
         nll = f"{row['eval']['nll']:8.4f} {row['eval']['nll_answer_only']:9.4f}"
         if row["system"] == "base model":
             lines.append(
-                f"{row['system']:<12} {'fp32':<14} {'':>5} {'':>13} {'':>11} {'':>7} {'':>10} {'':>9} {nll}"
+                f"{row['system']:<14} {'fp32':<14} {'':>5} {'':>13} {'':>11} {'':>7} {'':>10} {'':>9} {nll}"
             )
             continue
         steps = max(1, row["steps"])
         lines.append(
-            f"{row['system']:<12} {row['precision']:<14} {row['steps']:5d} {row['real_tokens'] / steps:13.0f} "
+            f"{row['system']:<14} {row['precision']:<14} {row['steps']:5d} {row['real_tokens'] / steps:13.0f} "
             f"{row['padded_tokens'] / steps:11.0f} {row['step_seconds']:7.1f} "
             f"{row['real_tokens_per_second']:10.1f} {row['real_tokens_per_cpu_second']:9.1f} {nll} "
             f"{row['own_seconds']:7.1f}"
@@ -514,6 +523,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         del base
 
         systems = ["recipe", "ours"] + (["recipe-bf16"] if args.bf16_recipe else [])
+        if args.ours_variants:
+            systems += [name for name in OURS_VARIANTS if name != "ours"]
         progress(f"training {', '.join(systems)}, taking turns step by step …")
         turns = Turns(systems)
         outcomes: dict[str, Any] = {}
@@ -533,7 +544,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                     )
                 else:
                     outcomes[system] = run_ours(
-                        model_dir, train, args.steps, batch_tokens, work / "ours", step_done=step_done
+                        model_dir,
+                        train,
+                        args.steps,
+                        batch_tokens,
+                        work / system,
+                        step_done=step_done,
+                        system=system,
                     )
             except BaseException as exc:  # re-raised in the main thread
                 outcomes[system] = exc
@@ -552,7 +569,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         for system in systems:
             row, trained = outcomes.pop(system)
             row["own_seconds"] = turns.held[system]
-            if system == "ours":
+            if system.startswith("ours"):
                 row["precision"] = (
                     "bf16 autocast" if resolve_precision("auto", "cpu") == "bfloat16" else "fp32"
                 )
@@ -565,11 +582,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                 trained, _ = load_causal_lm(trained)  # the merged model folder
             row["eval"] = eval_nll(trained, tokenizer, eval_pairs)
             del trained
+            shutil.rmtree(work / system, ignore_errors=True)
             progress(
                 f"{system}: {row['real_tokens_per_second']:.1f} real tokens/s, eval NLL {row['eval']['nll']:.4f}"
             )
             rows.append(row)
-        shutil.rmtree(work / "ours", ignore_errors=True)
 
         by = {row["system"]: row for row in rows}
         ratio = by["ours"]["real_tokens_per_second"] / by["recipe"]["real_tokens_per_second"]
@@ -653,6 +670,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps for every system")
     parser.add_argument(
         "--bf16-recipe", action="store_true", help="also run the recipe with TrainingArguments(bf16=True)"
+    )
+    parser.add_argument(
+        "--ours-variants",
+        action="store_true",
+        help=f"also run train_lora with {', '.join(n for n in OURS_VARIANTS if n != 'ours')} (what costs speed)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the .json and .txt results")
     args = parser.parse_args(argv)

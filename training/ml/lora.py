@@ -470,7 +470,9 @@ def _memory_plan(config: Any, settings: LoraSettings, *, precision: str, memory:
     or 4; attention is flash-style, so nothing per token pair. The output layer adds vocab x 12
     bytes (bf16 logits, their fp32 copy, the gradient), charged to every token although it runs
     on response tokens only. For SmolLM2-135M with bf16 that is 2.3 MB per token; peak memory
-    measured 1.6 MB more per extra token of a pass, so the estimate errs on the safe side.
+    measured 1.6 MB more per extra token of a pass. On a 24 GiB machine the defaults give passes
+    of up to 2,767 tokens, and a 20-step run on SmolLM2 peaked at 9.9 GB resident in all (model,
+    tokenizer, allocator slack and the merge at the end included).
 
     First the step is split into micro-batches (gradient accumulation: the same result, no extra
     work). Gradient checkpointing, which recomputes every block's forward pass in backward (about
