@@ -176,26 +176,33 @@ def evaluate_step(ctx: StepContext) -> dict:
 
 
 def _baseline(ctx: StepContext, index_dir: Path | None) -> dict | None:
-    """A fine-tuned build is compared with the base model it started from, asked the same held-out
-    questions the same way (with the same index). Only for a base that can be served as it is."""
-    if not ctx.build.steps.filter(name__in=("lora", "raft")).exists():
-        return None
+    """What a changed model is compared with, asked the same held-out questions the same way (with
+    the same index): a pruned model with the model just before pruning (its GGUF, kept by the
+    prune step); a fine-tuned one with the base it started from, when that can be served as is."""
     from training.registry import base_model_default
 
     base = ctx.build.base or base_model_default()
-    if base.gguf_file is None or not base.gguf_file.is_file():
-        ctx.log(f"{base.name} has no GGUF to serve as it is; the fine-tuned model is not compared with it.")
+    unpruned = ctx.outputs().get("unpruned_gguf")
+    tuned = ctx.build.steps.filter(name__in=("lora", "raft")).exists()
+    if unpruned is not None and unpruned.is_file():
+        gguf, name, kind = unpruned, f"{base.name}{', fine-tuned,' if tuned else ''} before pruning", "unpruned"
+    elif tuned:
+        if base.gguf_file is None or not base.gguf_file.is_file():
+            ctx.log(f"{base.name} has no GGUF to serve as it is; the fine-tuned model is not compared with it.")
+            return None
+        gguf, name, kind = base.gguf_file, base.name, "base"
+    else:
         return None
-    ctx.progress(0, 1, f"{base.name}: the same questions, for comparison", force=True)
+    ctx.progress(0, 1, f"{name}: the same questions, for comparison", force=True)
     try:
         metrics = evaluate_model(
-            project=ctx.build.project, gguf=base.gguf_file, parent=None, index_dir=index_dir,
+            project=ctx.build.project, gguf=gguf, parent=None, index_dir=index_dir,
             should_stop=ctx.cancel_requested,
         )  # fmt: skip
     finally:
-        engines.drop(base.gguf_file)
-    ctx.log(f"Base model {base.name}: {_summary(metrics)}")
-    return metrics | {"model": base.name}
+        engines.drop(gguf)
+    ctx.log(f"{name[:1].upper()}{name[1:]}: {_summary(metrics)}")
+    return metrics | {"model": name, "kind": kind}
 
 
 def _summary(m: dict) -> str:

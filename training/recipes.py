@@ -6,6 +6,9 @@
     rag,quantize:q4_k_m          both: the quantized models answer from the documents
     rag,lora,quantize:q4_k_m     also fine-tune on the instruction pairs first (LoRA)
     rag,raft                     fine-tune on retrieval-augmented examples (RAFT)
+    prune                        prune the model (settings: --set prune.method=wanda ...)
+    prune,heal                   prune, then a short LoRA fine-tune to recover quality
+    rag,lora,prune,quantize:q4_k_m  the "maximum compression" chain
     check                        read documents and check pairs only (makes no model)
 
 `recipe_plan` turns a recipe into the ordered steps a Build runs. Every recipe that makes a model
@@ -83,6 +86,8 @@ class Plan:
     quantize: tuple[str, ...]
     imatrix: bool = False
     tune: str = ""  # "lora", "raft" or "" (no fine-tuning)
+    prune: bool = False
+    heal: bool = False
 
 
 def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
@@ -95,7 +100,7 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
         if items != ["check"] * len(items):
             raise RecipeError("“check” makes no model and cannot be combined with other items.")
         return Plan("check", RECIPES["check"].step_list(), produces_model=False, rag=False, quantize=())
-    rag = imatrix = False
+    rag = imatrix = prune = heal = False
     tune = ""
     types: list[str] = []
     for item in items:
@@ -103,6 +108,10 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
             rag = True
         elif item == "imatrix":
             imatrix = True
+        elif item == "prune":
+            prune = True
+        elif item == "heal":
+            heal = True
         elif item in ("lora", "raft"):
             if tune and tune != item:
                 raise RecipeError(
@@ -117,17 +126,24 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
                 types.append(qtype)
         else:
             raise RecipeError(
-                f"Unknown recipe item “{item}”. Use rag, lora, raft, quantize:<type>, imatrix or check."
+                f"Unknown recipe item “{item}”. Use rag, lora, raft, prune, heal, quantize:<type>, imatrix "
+                "or check."
             )
     # RAFT trains on retrieved passages, so it needs the index (and the model serves with it).
     rag = rag or tune == "raft"
     steps: list[dict] = [{"name": "parse", "params": {}}]
     if rag:
         steps.append({"name": "rag", "params": {}})
-    if types or tune or not base_has_gguf:
+    if heal and not prune:
+        raise RecipeError("“heal” fine-tunes a pruned model: add the prune item.")
+    if types or tune or prune or not base_has_gguf:
         steps.append({"name": "base", "params": {}})
         if tune:
             steps.append({"name": tune, "params": {}})
+        if prune:
+            steps.append({"name": "prune", "params": {}})
+        if heal:
+            steps.append({"name": "heal", "params": {}})
         steps.append({"name": "convert", "params": {"type": "f16"}})
     if imatrix and not types:
         raise RecipeError("“imatrix” guides quantization: add at least one quantize:<type> item.")
@@ -138,12 +154,15 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
     normalised = ",".join(
         (["rag"] if rag else [])
         + ([tune] if tune else [])
+        + (["prune"] if prune else [])
+        + (["heal"] if heal else [])
         + [f"quantize:{t}" for t in types]
         + (["imatrix"] if imatrix else [])
     )
     return Plan(
-        normalised, steps, produces_model=True, rag=rag, quantize=tuple(types), imatrix=imatrix, tune=tune
-    )
+        normalised, steps, produces_model=True, rag=rag, quantize=tuple(types), imatrix=imatrix, tune=tune,
+        prune=prune, heal=heal,
+    )  # fmt: skip
 
 
 def recipe_label(recipe: str) -> str:
@@ -161,6 +180,8 @@ def recipe_label(recipe: str) -> str:
         parts.append("fine-tuned on your instruction pairs (LoRA)")
     elif plan.tune == "raft":
         parts.append("fine-tuned to answer from retrieved passages (RAFT)")
+    if plan.prune:
+        parts.append("pruned and healed" if plan.heal else "pruned")
     if plan.quantize:
         # Whether an importance matrix was really used is the quantize step's to say (imatrix_tokens).
         parts.append("quantized to " + ", ".join(t.upper() for t in plan.quantize))

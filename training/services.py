@@ -48,10 +48,10 @@ def build_start(
             plan = recipe_plan(recipe, base_has_gguf=bool(base.gguf_path))
         except RecipeError as exc:
             raise ValidationError(str(exc)) from None
-        if plan.quantize and not base_has_weights(base):
+        if (plan.quantize or plan.tune or plan.prune) and not base_has_weights(base):
             raise ValidationError(
                 f"{base.name} is a GGUF file without its original weights: it can answer from documents, "
-                "but not be quantized again. Register its safetensors folder to quantize it."
+                "but not be quantized, fine-tuned or pruned. Register its safetensors folder for that."
             )
         recipe, steps = plan.recipe, plan.steps
     step_list = [s | {"params": s.get("params", {}) | (params or {}).get(s["name"], {})} for s in steps]
@@ -70,11 +70,13 @@ def build_start(
 
 
 # Which steps a "--set PREFIX.KEY=VALUE" reaches, and under which parameter. LoRA settings apply
-# to RAFT too: RAFT trains a LoRA adapter.
+# to RAFT and healing too: both train a LoRA adapter (heal.KEY sets healing alone).
 SETTING_PREFIXES: dict[str, list[tuple[str, str | None]]] = {
-    "lora": [("lora", "overrides"), ("raft", "overrides")],
+    "lora": [("lora", "overrides"), ("raft", "overrides"), ("heal", "overrides")],
     "raft": [("raft", "raft")],
     "rag": [("rag", None)],
+    "prune": [("prune", None)],
+    "heal": [("heal", "overrides")],
 }
 
 

@@ -264,30 +264,13 @@ def base_step(ctx: StepContext) -> dict:
 def convert_step(ctx: StepContext) -> dict:
     """Write the model folder as an unquantized GGUF: the parent every quantized type is made
     from and compared with. An unchanged base is converted once and cached."""
-    from .ml import gguf_convert
-    from .registry import base_model_f16
-
     out_type = ctx.step.params.get("type", "f16")
     weights = ctx.outputs().get("hf_dir")
     if weights is None:
         raise StepError("There is no model folder to convert; the recipe lacks a base step.")
-    base = _build_base(ctx)
     ctx.progress(0, 1, f"Converting to {out_type.upper()} GGUF", force=True)
-
-    def convert(src: Path, dst: Path) -> gguf_convert.ConvertResult:
-        try:
-            return gguf_convert.convert_hf_to_gguf(src, dst, out_type=out_type, name=base.name)
-        except gguf_convert.UnsupportedModel as exc:
-            raise StepError(str(exc)) from None
-
     started = time.monotonic()
-    cached = False
-    if out_type == "f16" and _is_base_weights(base, weights):
-        out, cached = base_model_f16(base, weights, convert)
-    else:
-        out = ctx.workdir / f"model-{out_type}.gguf"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert(weights, out)
+    out, cached = gguf_of(ctx, weights, out_type=out_type, out=ctx.workdir / f"model-{out_type}.gguf")
     ctx.output("parent_gguf", out)
     ctx.progress(1, 1, f"{out_type.upper()} GGUF: {out.stat().st_size / 1e6:.1f} MB", force=True)
     return {
@@ -296,6 +279,27 @@ def convert_step(ctx: StepContext) -> dict:
         "seconds": round(time.monotonic() - started, 2),
         "cached": cached,
     }
+
+
+def gguf_of(ctx: StepContext, weights: Path, *, out_type: str, out: Path) -> tuple[Path, bool]:
+    """`weights` as a GGUF of `out_type` at `out`; the unchanged base's F16 comes from the cache
+    (converted once). True when the cached file was used."""
+    from .ml import gguf_convert
+    from .registry import base_model_f16
+
+    base = _build_base(ctx)
+
+    def convert(src: Path, dst: Path) -> gguf_convert.ConvertResult:
+        try:
+            return gguf_convert.convert_hf_to_gguf(src, dst, out_type=out_type, name=base.name)
+        except gguf_convert.UnsupportedModel as exc:
+            raise StepError(str(exc)) from None
+
+    if out_type == "f16" and _is_base_weights(base, weights):
+        return base_model_f16(base, weights, convert)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    convert(weights, out)
+    return out, False
 
 
 def _is_base_weights(base, weights: Path) -> bool:  # type: ignore[no-untyped-def]

@@ -64,7 +64,7 @@ def _plain_examples(pairs: list[tuple[str, str]], count: Callable[[list[dict]], 
 def _train(ctx: StepContext, weights: Path, train: list, held: list, extra: dict) -> dict:
     from .ml import lora
 
-    tokens = sum(len(m["content"]) for e in train for m in e.messages) // 4  # a rough count for the defaults
+    tokens = sum(len(e.text) + sum(len(m["content"]) for m in e.messages) for e in train) // 4  # a rough count for the defaults
     settings = lora.default_settings(train_examples=len(train), train_tokens=tokens)
     try:
         settings = settings.with_overrides(ctx.step.params.get("overrides", {}))

@@ -260,6 +260,8 @@ def default_settings(*, train_examples: int, train_tokens: int) -> LoraSettings:
 @dataclass(frozen=True)
 class Example:
     messages: list[dict[str, str]]  # chat messages; the LAST one is the assistant response to learn
+    # Or plain text (no chat): every token is learned. Healing a pruned model uses document text.
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,19 @@ def encode(tokenizer: Any, examples: Sequence[Example], *, max_length: int) -> l
     if max_length < 2:
         raise ValueError("max_length must be at least 2.")
     special = set(tokenizer.all_special_ids)
+    if any(example.text for example in examples):
+        # Plain-text examples (every token learned) may sit among chats; each keeps its place.
+        chats = iter(encode(tokenizer, [e for e in examples if not e.text], max_length=max_length))
+        texts = iter(tokenizer([e.text for e in examples if e.text], add_special_tokens=False)["input_ids"])
+        mixed = []
+        for example in examples:
+            if not example.text:
+                mixed.append(next(chats))
+                continue
+            ids = list(next(texts))[:max_length]
+            if len(ids) >= 2:
+                mixed.append(Encoded(input_ids=ids, labels=[IGNORE_INDEX] + ids[1:]))
+        return mixed
     prompts: list[str] = []
     responses: list[str] = []
     for number, example in enumerate(examples):
@@ -911,7 +926,7 @@ class _Run:
             for name, param in self.model.named_parameters()
             if param.requires_grad
         }
-        with _atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp:
             save_file(tensors, str(tmp / "trainable.safetensors"))
             torch.save(
                 {
@@ -968,7 +983,7 @@ class _Run:
 
         adapter_dir = self.work_dir / "adapter"
         merged_dir = self.work_dir / "merged"
-        with _atomic_dir(adapter_dir) as tmp:
+        with atomic_dir(adapter_dir) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
         self.model = self.optimizer = self.scheduler = self.params = None  # free memory for the copy
         gc.collect()
@@ -976,10 +991,10 @@ class _Run:
         base, tokenizer = load_causal_lm(self.model_dir)
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         merged.config.use_cache = True
-        with _atomic_dir(merged_dir) as tmp:
+        with atomic_dir(merged_dir) as tmp:
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
-            _copy_licence(self.model_dir, tmp)
+            copy_licence(self.model_dir, tmp)
         return adapter_dir, merged_dir
 
 
@@ -1077,7 +1092,7 @@ def _latest_checkpoint(folder: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`; on success it replaces `final` by renames.
 
     A reader sees the old folder or the new one, never a half-written one. Replacing takes two
@@ -1100,7 +1115,7 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def _copy_licence(model_dir: Path, out_dir: Path) -> None:
+def copy_licence(model_dir: Path, out_dir: Path) -> None:
     """A merged model is a derivative of the base model: it carries the base model's licence."""
     for item in sorted(model_dir.iterdir()):
         if item.is_file() and LICENCE_NAMES.match(item.name):
