@@ -39,15 +39,24 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     if not recipe:
         types = request.POST.getlist("quantize")
         tune = request.POST.get("tune", "")
+        prune = request.POST.get("prune", "")
         items = (
             (["rag"] if request.POST.get("rag") else [])
             + ([tune] if tune in ("lora", "raft") else [])
+            + (["prune"] + (["heal"] if request.POST.get("heal") else []) if prune else [])
             + [f"quantize:{t}" for t in types]
             + (["imatrix"] if types and request.POST.get("imatrix") else [])
         )
         recipe = ",".join(items) or DEFAULT_RECIPE
-    # The advanced panel's fields are "lora.KEY"; empty ones keep the defaults.
-    settings = [f"{k}={v}" for k, v in request.POST.items() if k.startswith("lora.") and v.strip()]
+    # The settings fields are "lora.KEY" / "prune.KEY"; empty ones keep the defaults. A pruning
+    # field only counts for the method it belongs to.
+    prune = request.POST.get("prune", "")
+    relevant = {"prune.target"} if prune == "structured" else {"prune.sparsity"} if prune == "wanda" else set()
+    settings = [
+        f"{k}={v}"
+        for k, v in request.POST.items()
+        if v.strip() and (k.startswith("lora.") or k in relevant)
+    ] + ([f"prune.method={prune}"] if prune else [])
     base = None
     if request.POST.get("base"):
         base = BaseModel.objects.filter(slug=request.POST["base"]).first()

@@ -154,3 +154,20 @@ def test_bad_pruning_settings_fail_the_build_with_a_message(data, tiny_dir, owne
         )
     build.refresh_from_db()
     assert build.status == Build.Status.FAILED and "Unknown pruning method" in build.error
+
+
+def test_the_build_form_asks_for_pruning(data, tiny_dir, owner_client):  # type: ignore[no-untyped-def]
+    base_model_register(source=str(tiny_dir), name="Tiny Llama")
+    page = owner_client.get(reverse("training-builds", args=[data.slug])).content.decode()
+    assert "Make it smaller" in page and "do <strong>not</strong> make the downloadable file smaller" in page
+    form = {
+        "base": "tiny-llama", "rag": "1", "tune": "lora", "prune": "structured", "prune.target": "0.7",
+        "prune.sparsity": "0.6", "heal": "1", "quantize": ["q8_0"],
+    }  # fmt: skip
+    owner_client.post(reverse("training-build-new", args=[data.slug]), form)
+    build = data.builds.get()
+    assert build.recipe == "rag,lora,prune,heal,quantize:q8_0"
+    # The structured target reaches the step; the Wanda-only field does not.
+    assert build.steps.get(name="prune").params == {"target": "0.7", "method": "structured"}
+    owner_client.post(reverse("training-build-new", args=[data.slug]), {"base": "tiny-llama", "prune": "wanda_2_4"})
+    assert data.builds.order_by("-pk").first().recipe == "prune"
