@@ -185,7 +185,7 @@ def _baseline(ctx: StepContext, index_dir: Path | None) -> dict | None:
     unpruned = ctx.outputs().get("unpruned_gguf")
     tuned = ctx.build.steps.filter(name__in=("lora", "raft")).exists()
     if unpruned is not None and unpruned.is_file():
-        gguf, name, kind = unpruned, f"{base.name}{', fine-tuned,' if tuned else ''} before pruning", "unpruned"
+        gguf, name, kind = unpruned, f"{base.name}{', fine-tuned' if tuned else ''}", "unpruned"
     elif tuned:
         if base.gguf_file is None or not base.gguf_file.is_file():
             ctx.log(f"{base.name} has no GGUF to serve as it is; the fine-tuned model is not compared with it.")
@@ -201,7 +201,7 @@ def _baseline(ctx: StepContext, index_dir: Path | None) -> dict | None:
         )  # fmt: skip
     finally:
         engines.drop(gguf)
-    ctx.log(f"{name[:1].upper()}{name[1:]}: {_summary(metrics)}")
+    ctx.log(f"{'Before pruning' if kind == 'unpruned' else 'Base model'} ({name}): {_summary(metrics)}")
     return metrics | {"model": name, "kind": kind}
 
 

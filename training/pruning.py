@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 from projects.models import InstructionPair
-from projects.services import documents_training_text
+from projects.services import documents_held_out_text, documents_training_text
 
 from .models import data_path
 from .steps import BuildCancelled, StepContext, StepError, gguf_of, register
@@ -65,6 +65,14 @@ def prune_step(ctx: StepContext) -> dict:
             )
         tokens = sum(map(len, windows))
         ctx.log(f"Calibrating on {len(windows)} windows ({tokens} tokens) of your {source}.")
+        if source == "documents" and not documents_held_out_text(project=ctx.build.project).held_out:
+            # Too little text to keep a part apart: the evaluation then reads all of it, the
+            # calibration text included, which flatters the pruned model's perplexity a little.
+            ctx.log(
+                "Your documents are too short to keep calibration text apart from the evaluation text; "
+                "the perplexity below is measured partly on text pruning was calibrated on.",
+                level="warning",
+            )
         if len(windows) < settings.calibration_samples:
             ctx.log(
                 f"Only {len(windows)} of the {settings.calibration_samples} calibration windows asked for fit "
@@ -115,7 +123,14 @@ def prune_step(ctx: StepContext) -> dict:
             f"{result.parameters_after:,} parameters non-zero). The file stays the same size and llama.cpp "
             "runs it at the same speed: it stores and multiplies the zeros like any other weight."
         )
-    ctx.progress(1, 1, "Pruned", force=True)
+    ctx.progress(
+        1,
+        1,
+        f"Kept {result.parameters_after / result.parameters_before:.0%} of the parameters ({result.structure['summary']})"
+        if settings.scoring == "structured"
+        else f"{result.sparsity:.0%} of the layer weights set to zero",
+        force=True,
+    )
     return metrics
 
 
@@ -143,8 +158,10 @@ def heal_step(ctx: StepContext) -> dict:
     ctx.log(f"Healing on {len(train_pairs)} instruction pairs and {len(train_text)} passages of document text.")
     metrics = _train(ctx, weights, train, held, {"pairs": len(train_pairs), "text_windows": len(train_text)})
     merged = ctx.step.outputs.get("hf_dir")
-    if merged and _has_zeros(weights):
+    pruned = ctx.build.steps.filter(name="prune").values_list("metrics", flat=True).first() or {}
+    if merged and pruned.get("sparsity"):  # unstructured or N:M zeros, not a structured prune
         metrics["sparsity_restored"] = _restore_zeros(ctx, weights, Path(str(data_path(merged))))
+        ctx.progress(1, 1, f"Healed; {metrics['sparsity_restored']:.0%} of the layer weights kept at zero", force=True)
     return metrics
 
 
@@ -165,18 +182,6 @@ def _text_windows(texts: list[str]) -> list[str]:
     if current:
         windows.append(current)
     return windows[:HEAL_MAX_WINDOWS]
-
-
-def _has_zeros(weights: Path) -> bool:
-    """Whether the pruned model holds unstructured zeros (a structured one has none to keep)."""
-    from safetensors import safe_open
-
-    for path in sorted(weights.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if ".layers." in key and key.endswith("proj.weight") and bool((f.get_tensor(key) == 0).any()):
-                    return True
-    return False
 
 
 def _restore_zeros(ctx: StepContext, pruned: Path, merged: Path) -> float:
