@@ -1,7 +1,7 @@
 """Pruning the bundled SmolLM2-135M-Instruct: perplexity, size and speed per method, in one run.
 
-    cd /work/main && .venv/bin/python bench/pruning.py [--eval-tokens 8192] [--heal-steps 48]
-        [--speed-repeats 3] [--variants dense,wanda_50,...] [--work DIR] [--out bench/results]
+    cd /work/main && .venv/bin/python bench/pruning.py [--eval-tokens 8192] [--heal-steps 40]
+        [--speed-repeats 2] [--variants dense,wanda_50,...] [--work DIR] [--out bench/results]
 
 Text: the Debian FAQ (Debian package `debian-faq`), the stripped pages `bench/retrieval_debian_faq.py`
 builds (navigation, tables of contents and question headings removed), read by the app's parser
@@ -29,8 +29,9 @@ needs none). Healing: `train_lora` on plain-text examples (`Example(messages=[],
 about 1,024 characters each, cut from the training paragraphs as the app's `heal` step cuts them
 (`training.pruning._text_windows`, at most 256 windows, a seeded tenth held back for the trainer's
 validation loss), with `default_settings` for that data as the app computes them, except a fixed
-step cap (--heal-steps, 48) and batches of 1,024 tokens (the defaults' 4,096-token batches would
-take four times as long per step on 2 cores), then the merged model. Structured models have no
+step cap (--heal-steps, 40) and batches of 1,024 tokens, about 36,000 training tokens (the defaults
+would run 3 epochs of 2,048-token batches, about twice as many tokens, 8+ minutes per heal on 2
+cores), then the merged model. Structured models have no
 zeros to restore; the unstructured ones are not healed here.
 
 Each variant is saved, converted to an F16 GGUF (`convert_hf_to_gguf`), and measured the way the
@@ -76,6 +77,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "bench"):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import retrieval_debian_faq as faq  # noqa: E402 (needs the paths above)
 
@@ -87,11 +89,11 @@ N_CTX = 512  # score_text's windows (the app's evaluation default)
 DEFAULT_EVAL_TOKENS = 8192
 SPEED_PROMPT_TOKENS = 128
 SPEED_GEN_TOKENS = 128
-DEFAULT_SPEED_REPEATS = 3
+DEFAULT_SPEED_REPEATS = 2
 # Healing: the app's heal step (training/pruning.py HEAL_WINDOW_CHARS, HEAL_MAX_WINDOWS).
 HEAL_WINDOW_CHARS = 1024
 HEAL_MAX_WINDOWS = 256
-DEFAULT_HEAL_STEPS = 48
+DEFAULT_HEAL_STEPS = 40
 HEAL_BATCH_TOKENS = 1024
 SEED = 0
 
@@ -120,14 +122,20 @@ VARIANTS = (
     Variant("wanda_2_4", "wanda", {"method": "wanda_2_4"}, label="2:4"),
     Variant("structured_90", "structured", {"method": "structured", "target": 0.90}, label="keep 90%"),
     Variant(
-        "structured_90_healed", "structured", {"method": "structured", "target": 0.90}, heal=True,
+        "structured_90_healed",
+        "structured",
+        {"method": "structured", "target": 0.90},
+        heal=True,
         label="keep 90% + heal",
-    ),  # fmt: skip
+    ),
     Variant("structured_75", "structured", {"method": "structured", "target": 0.75}, label="keep 75%"),
     Variant(
-        "structured_75_healed", "structured", {"method": "structured", "target": 0.75}, heal=True,
+        "structured_75_healed",
+        "structured",
+        {"method": "structured", "target": 0.75},
+        heal=True,
         label="keep 75% + heal",
-    ),  # fmt: skip
+    ),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -155,9 +163,14 @@ PUBLISHED_A2 = [
     (
         "LLM-Pruner, LLaMA-7B, ~20% of parameters removed (pruning_ratio 0.25), no recovery tuning, "
         "WikiText-2 ppl at seq len 128 (quoting the paper, anchors-techniques.md A2)",
-        {"dense": 12.6, "block-wise Taylor (Element1)": 19.1, "L2 magnitude": 582.0, "random": 27.5,
-         "channel-wise": 74.6},
-    ),  # fmt: skip
+        {
+            "dense": 12.6,
+            "block-wise Taylor (Element1)": 19.1,
+            "L2 magnitude": 582.0,
+            "random": 27.5,
+            "channel-wise": 74.6,
+        },
+    ),
     (
         "LLM-Pruner on Llama-3-8B, 8.03B -> 6.61B parameters (82.3% kept), no tuning, WikiText-2 ppl at "
         "seq len 2048 (horseee/LLM-Pruner more_results/README.md, A2)",
@@ -248,9 +261,14 @@ def prune_variant(variant: Variant, base_hf: Path, windows: list[list[int]], out
 
 
 def heal_variant(
-    pruned_hf: Path, train: list[Any], held: list[Any], settings: Any, work: Path, say: Callable[[str], None],
+    pruned_hf: Path,
+    train: list[Any],
+    held: list[Any],
+    settings: Any,
+    work: Path,
+    say: Callable[[str], None],
     label: str,
-) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+) -> tuple[Path, dict[str, Any]]:
     from training.ml.lora import train_lora
 
     def on_point(point: Any) -> None:
@@ -331,7 +349,9 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
         decade *= 10
     tick = 0.0
     while tick <= x_max + 1e-9:
-        out.append(f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{top + plot_h}" stroke="#eee"/>')
+        out.append(
+            f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{top + plot_h}" stroke="#eee"/>'
+        )
         out.append(f'<text x="{x(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:.0%}</text>')
         tick += 0.1
     out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>')
@@ -384,8 +404,11 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
                 f'<text x="{x(px) + 8:.1f}" y="{y(py) - 6:.1f}" font-size="10" fill="{color}">{py:.1f}</text>'
             )
         lx = left + plot_w + 15
-        out.append(f'<line x1="{lx}" x2="{lx + 22}" y1="{legend_y}" y2="{legend_y}" stroke="{color}" stroke-width="2"/>'
-                   if len(points) > 1 else "")  # fmt: skip
+        out.append(
+            f'<line x1="{lx}" x2="{lx + 22}" y1="{legend_y}" y2="{legend_y}" stroke="{color}" stroke-width="2"/>'
+            if len(points) > 1
+            else ""
+        )
         out.append(marker(shape, lx + 11, legend_y, color))
         out.append(f'<text x="{lx + 28}" y="{legend_y + 4}">{label}</text>')
         legend_y += 20
@@ -403,7 +426,9 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
         "the model (embeddings stay).",
     ]
     for i, note in enumerate(notes):
-        out.append(f'<text x="{left + plot_w + 15}" y="{legend_y + 14 + 14 * i}" font-size="10" fill="#555">{note}</text>')
+        out.append(
+            f'<text x="{left + plot_w + 15}" y="{legend_y + 14 + 14 * i}" font-size="10" fill="#555">{note}</text>'
+        )
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -427,13 +452,15 @@ def fmt_int(n: int) -> str:
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: PLR0915 (one linear script)
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from training.ml import evaluate, prune
     from training.ml.base_models import dequantize_gguf_to_hf
     from training.ml.bundled import bundled_llm_gguf
     from training.ml.gguf_convert import convert_hf_to_gguf
-    from training.ml.lora import Example, default_settings
+    from training.ml.lora import Example, default_settings, encode, length_buckets
 
+    hf_logging.disable_progress_bar()
     printed: list[str] = []
 
     def say(line: str = "") -> None:
@@ -479,9 +506,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
         t = time.perf_counter()
         defaults = prune.PruneSettings()
         windows = prune.calibration_from_texts(
-            tokenizer, train_texts, samples=defaults.calibration_samples, length=defaults.calibration_length,
+            tokenizer,
+            train_texts,
+            samples=defaults.calibration_samples,
+            length=defaults.calibration_length,
             seed=SEED,
-        )  # fmt: skip
+        )
         timings["calibration_windows"] = time.perf_counter() - t
         say(
             f"calibration: {len(windows)} windows x {defaults.calibration_length} tokens of the training "
@@ -505,16 +535,26 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             eval_every=args.heal_steps,
             checkpoint_every=args.heal_steps,
         )
+        encoded = encode(tokenizer, heal_train_ex, max_length=app_defaults.max_length)
+        heal_tokens = sum(len(e.input_ids) for e in encoded)
+
+        def epoch_steps(batch_tokens: int) -> int:
+            return len(length_buckets(encoded, batch_tokens=batch_tokens, seed=0, epoch=0))
+
+        app_default_steps = math.ceil(app_defaults.epochs * epoch_steps(app_defaults.batch_tokens))
+        heal_epochs = args.heal_steps / epoch_steps(HEAL_BATCH_TOKENS)
         if any(v.heal for v in variants):
             say(
-                f"healing: {len(heal_train)} training windows of ~{HEAL_WINDOW_CHARS} characters "
-                f"({len(heal_held)} held back for the trainer's validation loss, all from training paragraphs); "
-                f"default_settings gives epochs {app_defaults.epochs}, batch_tokens {app_defaults.batch_tokens}; "
-                f"used: max_steps {args.heal_steps}, batch_tokens {HEAL_BATCH_TOKENS}, lr {heal_settings.learning_rate}, "
-                f"rank {heal_settings.rank}"
+                f"healing: {len(heal_train)} training windows of ~{HEAL_WINDOW_CHARS} characters ({heal_tokens} tokens; "
+                f"{len(heal_held)} more held back for the trainer's validation loss, all from training paragraphs); "
+                f"the app's default_settings would run {app_default_steps} steps ({app_defaults.epochs:g} epochs of "
+                f"{app_defaults.batch_tokens}-token batches); used: max_steps {args.heal_steps} of {HEAL_BATCH_TOKENS}-token "
+                f"batches ({heal_epochs:.2f} epochs), lr {heal_settings.learning_rate:g}, rank {heal_settings.rank}, "
+                f"alpha {heal_settings.alpha}, max_length {heal_settings.max_length}"
             )
 
         # ---- build every variant
+        t_build = time.perf_counter()
         builds: dict[str, dict[str, Any]] = {}
         ggufs: dict[str, Path] = {}
         hf_dirs: dict[str, Path] = {}
@@ -533,9 +573,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                     )
                 info["prune"] = builds[source]["prune"]
                 merged, info["heal"] = heal_variant(
-                    hf_dirs[source], heal_train_ex, heal_held_ex, heal_settings, work / f"{variant.name}_lora",
-                    say, variant.name,
-                )  # fmt: skip
+                    hf_dirs[source],
+                    heal_train_ex,
+                    heal_held_ex,
+                    heal_settings,
+                    work / f"{variant.name}_lora",
+                    say,
+                    variant.name,
+                )
                 hf = merged
             else:
                 hf = work / f"{variant.name}_hf"
@@ -543,7 +588,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             hf_dirs[variant.name] = hf
             build_seconds = time.perf_counter() - t
             t = time.perf_counter()
-            converted = convert_hf_to_gguf(hf, work / f"{variant.name}.f16.gguf", out_type="f16", name=variant.name)
+            converted = convert_hf_to_gguf(
+                hf, work / f"{variant.name}.f16.gguf", out_type="f16", name=variant.name
+            )
             ggufs[variant.name] = converted.path
             params, nonzero = model_counts(hf)
             info |= {
@@ -558,9 +605,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             if "prune" in info:
                 p = info["prune"]
                 detail = (
-                    f"; {p['structure']['summary']}" if "structure" in p
+                    f"; {p['structure']['summary']}"
+                    if "structure" in p
                     else f"; decoder sparsity {p['sparsity']:.1%}"
-                ) + f"; pruned in {p['seconds']:.0f}s"  # fmt: skip
+                ) + f"; pruned in {p['seconds']:.0f}s"
             if "heal" in info:
                 h = info["heal"]
                 detail += (
@@ -573,7 +621,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 f"F16 {converted.size_bytes / 1e6:.1f} MB{detail} ({build_seconds:.0f}s + convert "
                 f"{info['convert_seconds']:.0f}s)"
             )
-        timings["build"] = time.perf_counter() - t_total
+        timings["build"] = time.perf_counter() - t_build
         # Folders no longer needed (GGUFs stay until the end).
         if not args.work:
             for name, hf in hf_dirs.items():
@@ -640,15 +688,20 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 "label": variant.label,
                 "healed": variant.heal,
                 "requested_sparsity": prune.PruneSettings(**variant.settings).effective_sparsity
-                if variant.method in ("magnitude", "wanda") else (0.0 if variant.method == "dense" else None),
-                "structured_target": variant.settings.get("target") if variant.method == "structured" else None,
+                if variant.method in ("magnitude", "wanda")
+                else (0.0 if variant.method == "dense" else None),
+                "structured_target": variant.settings.get("target")
+                if variant.method == "structured"
+                else None,
                 "decoder_sparsity": prune_info.get("sparsity", 0.0),
                 "structure": prune_info.get("structure", {}).get("summary"),
                 "parameters": info["parameters"],
                 "nonzero": info["nonzero"],
                 "size_mb": round(info["gguf_bytes"] / 1e6, 1),
                 "gen_tokens_per_second": round(tps, 1),
-                "prompt_tokens_per_second": round(statistics.median(r.prompt_tokens_per_second for r in runs), 1),
+                "prompt_tokens_per_second": round(
+                    statistics.median(r.prompt_tokens_per_second for r in runs), 1
+                ),
                 "speed_runs": [round(r.tokens_per_second, 1) for r in runs],
                 "peak_memory_mb": round(max(r.peak_memory_bytes for r in runs) / 1e6, 1),
                 "perplexity": round(s.perplexity, 4),
@@ -659,7 +712,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 "build_seconds": info["build_seconds"],
                 "prune_seconds": prune_info.get("seconds"),
                 "heal": info.get("heal"),
-            }  # fmt: skip
+            }
             if dense_info is not None and dense_score is not None:
                 row |= {
                     "parameter_ratio": round(info["parameters"] / dense_info["parameters"], 4),
@@ -667,10 +720,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                     "removed_share": round(1 - info["nonzero"] / dense_info["nonzero"], 4),
                     "size_ratio": round(info["gguf_bytes"] / dense_info["gguf_bytes"], 3),
                     "speed_ratio": round(statistics.median(ratios[variant.name]), 3)
-                    if variant.name != "dense" else 1.0,
+                    if variant.name != "dense"
+                    else 1.0,
                     "speed_ratio_runs": [round(r, 3) for r in ratios.get(variant.name, [])],
                     "ppl_ratio": round(s.perplexity / dense_score.perplexity, 3),
-                }  # fmt: skip
+                }
             rows.append(row)
 
         say()
@@ -710,7 +764,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                     f"{c['summary']} loss {c['calibration_loss']}{' (chosen)' if c['chosen'] else ''}"
                     for c in info["structure"]["candidates"]
                 )
-                say(f"  {name} candidates (calibration loss, dense {info['structure']['calibration_loss_before']}): {cands}")
+                say(
+                    f"  {name} candidates (calibration loss, dense {info['structure']['calibration_loss_before']}): {cands}"
+                )
 
         # ---- targets
         by = {r["variant"]: r for r in rows}
@@ -718,9 +774,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
         if "wanda_50" in by and "magnitude_50" in by:
             w, m = by["wanda_50"]["perplexity"], by["magnitude_50"]["perplexity"]
             checks.append(
-                {"target": "Wanda beats magnitude at 50% unstructured sparsity (lower held-out perplexity)",
-                 "value": f"Wanda {w:.2f} vs magnitude {m:.2f}", "pass": w < m}
-            )  # fmt: skip
+                {
+                    "target": "Wanda beats magnitude at 50% unstructured sparsity (lower held-out perplexity)",
+                    "value": f"Wanda {w:.2f} vs magnitude {m:.2f}",
+                    "pass": w < m,
+                }
+            )
         say()
         say("targets:")
         for c in checks:
@@ -747,7 +806,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
         say(f"  {'':<16} " + " ".join(f"{c:>11}" for c in PUBLISHED_A1["columns"]) + "   x dense (7B)")
         dense_pub = PUBLISHED_A1["rows"]["dense"][0]
         for name, values in PUBLISHED_A1["rows"].items():
-            say(f"  {name:<16} " + " ".join(f"{v:>11.2f}" for v in values) + f"   {values[0] / dense_pub:>5.2f}")
+            say(
+                f"  {name:<16} "
+                + " ".join(f"{v:>11.2f}" for v in values)
+                + f"   {values[0] / dense_pub:>5.2f}"
+            )
         for source, values in PUBLISHED_A2:
             base = values["dense"]
             say(f"published: {source}")
@@ -764,10 +827,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
         load_end = os.getloadavg()
         say()
         say(
-            "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+            "timings: "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
             + f"; machine: {os.cpu_count()} cpus, load average start {load_start[0]:.2f}, end {load_end[0]:.2f}; "
             f"total run {total:.0f}s"
-        )  # fmt: skip
+        )
 
         result = {
             "benchmark": RESULT_NAME,
@@ -781,7 +845,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 "loadavg_end": load_end,
             },
             "packages": package_versions(),
-            "model": {"bundled": bundled.path.name, "distribution": f"{bundled.distribution} {bundled.version}"},
+            "model": {
+                "bundled": bundled.path.name,
+                "distribution": f"{bundled.distribution} {bundled.version}",
+            },
             "text": {
                 "source": str(faq.FAQ_DIR),
                 "debian_faq_version": faq._dpkg_version("debian-faq"),
@@ -802,12 +869,19 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             },
             "healing": {
                 "train_windows": len(heal_train),
+                "train_tokens": heal_tokens,
+                "epochs": round(heal_epochs, 3),
+                "app_default_steps": app_default_steps,
                 "validation_windows": len(heal_held),
-                "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(heal_settings).items()},
-                "app_default_settings": {
-                    k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(app_defaults).items()
+                "settings": {
+                    k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in dataclasses.asdict(heal_settings).items()
                 },
-            },  # fmt: skip
+                "app_default_settings": {
+                    k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in dataclasses.asdict(app_defaults).items()
+                },
+            },
             "speed": {
                 "prompt_tokens": SPEED_PROMPT_TOKENS,
                 "gen_tokens": SPEED_GEN_TOKENS,
@@ -819,8 +893,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             "builds": builds,
             "targets": checks,
             "observations": observations,
-            "published": {"A1": PUBLISHED_A1, "A2": [{"source": s, "values": v} for s, v in PUBLISHED_A2],
-                          "notes": PUBLISHED_A2_NOTES},  # fmt: skip
+            "published": {
+                "A1": PUBLISHED_A1,
+                "A2": [{"source": s, "values": v} for s, v in PUBLISHED_A2],
+                "notes": PUBLISHED_A2_NOTES,
+            },
         }
         return result, printed
     finally:
@@ -831,9 +908,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="held-out tokens scored")
-    parser.add_argument("--heal-steps", type=int, default=DEFAULT_HEAL_STEPS, help="LoRA step cap of each heal")
     parser.add_argument(
-        "--speed-repeats", type=int, default=DEFAULT_SPEED_REPEATS, help="speed runs per variant (paired with dense)"
+        "--heal-steps", type=int, default=DEFAULT_HEAL_STEPS, help="LoRA step cap of each heal"
+    )
+    parser.add_argument(
+        "--speed-repeats",
+        type=int,
+        default=DEFAULT_SPEED_REPEATS,
+        help="speed runs per variant (paired with dense)",
     )
     parser.add_argument(
         "--variants",

@@ -36,6 +36,24 @@ class Row:
         return None if self.peak_memory_bytes is None else self.peak_memory_bytes / 1e6
 
     @property
+    def made_by(self) -> str:
+        """What was done to the base, in order: "answers from documents · LoRA · pruned (Wanda 50%)"."""
+        m = self.version.metrics
+        parts = ["answers from documents"] if self.version.index_dir else []
+        if "lora" in m:
+            parts.append("LoRA")
+        if "raft" in m:
+            parts.append("RAFT")
+        prune = m.get("prune") or {}
+        if prune.get("method") == "structured":
+            parts.append(f"pruned to {prune.get('parameter_ratio', 0):.0%} of parameters")
+        elif prune:
+            parts.append(f"{prune.get('sparsity', 0):.0%} zeroed ({prune.get('method')})")
+        if "heal" in m:
+            parts.append("healed")
+        return " · ".join(parts)
+
+    @property
     def short_kind(self) -> str:
         """ "Q4_K_M · 4-bit" — the type and its plain meaning, without the advice."""
         return " · ".join(self.kind.split(" · ")[:2])

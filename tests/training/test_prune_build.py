@@ -106,6 +106,7 @@ def test_wanda_build_from_the_command_line(data, tiny_dir, client, owner):  # ty
     client.force_login(owner)
     text = client.get(reverse("inference-model-detail", args=[data.slug, model.number])).content.decode()
     assert "not</strong> smaller and not faster" in text and "Before pruning" in text
+    assert "50% zeroed (wanda)" in client.get(reverse("inference-models", args=[data.slug])).content.decode()
 
 
 def test_structured_prune_with_healing_shrinks_the_file(data, tiny_dir, owner, django_capture_on_commit_callbacks):  # type: ignore[no-untyped-def]
