@@ -44,6 +44,8 @@ class Row:
             parts.append("LoRA")
         if "raft" in m:
             parts.append("RAFT")
+        if "distill" in m:
+            parts.append(f"distilled from {m['distill'].get('teacher', 'a teacher')}")
         prune = m.get("prune") or {}
         if prune.get("method") == "structured":
             parts.append(f"pruned to {prune.get('parameter_ratio', 0):.0%} of parameters")

@@ -102,7 +102,7 @@ def evaluate_model(
         raise BuildCancelled
 
     pairs = list(
-        project.pairs.filter(split=InstructionPair.Split.EVAL).order_by("pk")[: settings.EVAL_MAX_PAIRS]
+        project.pairs.usable().filter(split=InstructionPair.Split.EVAL).order_by("pk")[: settings.EVAL_MAX_PAIRS]
     )
     if pairs:
         report(f"answering {len(pairs)} held-out questions")
@@ -183,7 +183,7 @@ def _baseline(ctx: StepContext, index_dir: Path | None) -> dict | None:
 
     base = ctx.build.base or base_model_default()
     unpruned = ctx.outputs().get("unpruned_gguf")
-    tuned = ctx.build.steps.filter(name__in=("lora", "raft")).exists()
+    tuned = ctx.build.steps.filter(name__in=("lora", "raft", "distill")).exists()
     if unpruned is not None and unpruned.is_file():
         gguf, name, kind = unpruned, f"{base.name}{', fine-tuned' if tuned else ''}", "unpruned"
     elif tuned:

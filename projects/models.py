@@ -102,6 +102,13 @@ class Document(models.Model):
         return self.status in (self.Status.PARSED, self.Status.FAILED)
 
 
+class PairQuerySet(models.QuerySet):
+    def usable(self) -> PairQuerySet:
+        """Pairs training and evaluation may read: not generated pairs still waiting for review
+        (or rejected in it)."""
+        return self.filter(review=InstructionPair.Review.ACCEPTED)
+
+
 class InstructionPair(models.Model):
     class Split(models.TextChoices):
         TRAIN = "train", "Train"
@@ -113,6 +120,11 @@ class InstructionPair(models.Model):
         GENERATED = "generated", "Generated from documents"
         DISTILLED = "distilled", "Written by a teacher model"
 
+    class Review(models.TextChoices):
+        ACCEPTED = "accepted", "Accepted"
+        PENDING = "pending", "Waiting for review"
+        REJECTED = "rejected", "Rejected"
+
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pairs")
     instruction = models.TextField()
     input = models.TextField(blank=True)
@@ -121,8 +133,19 @@ class InstructionPair(models.Model):
     key = models.CharField(max_length=64)
     split = models.CharField(max_length=5, choices=Split.choices)
     source = models.CharField(max_length=10, choices=Source.choices, default=Source.UPLOADED)
+    # Generated pairs wait for a person before training or evaluation reads them.
+    review = models.CharField(max_length=8, choices=Review.choices, default=Review.ACCEPTED)
+    # Where a generated pair came from: the document and the passage the teacher read.
+    document = models.ForeignKey(
+        "Document", null=True, blank=True, on_delete=models.SET_NULL, related_name="generated_pairs"
+    )
+    passage = models.TextField(blank=True)
+    passage_id = models.CharField(max_length=64, blank=True)
+    origin = models.CharField(max_length=200, blank=True)  # "teacher Llama-3 (run 4)"
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = PairQuerySet.as_manager()
 
     class Meta:
         ordering = ["id"]

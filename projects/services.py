@@ -415,6 +415,13 @@ def pair_update(*, pair: InstructionPair, instruction: str, input: str, response
     return pair
 
 
+def pairs_review(*, project: Project, pair_ids: list[int], decision: str) -> int:
+    """Accept or reject pairs (generated ones wait for this) in bulk; returns how many changed."""
+    if decision not in (InstructionPair.Review.ACCEPTED, InstructionPair.Review.REJECTED):
+        raise ValidationError("Accept or reject.")
+    return project.pairs.filter(pk__in=pair_ids).exclude(review=decision).update(review=decision)
+
+
 def pairs_export_jsonl(*, project: Project) -> str:
     return pairformats.pairs_to_jsonl(
         project.pairs.values("instruction", "input", "response", "split", "source")

@@ -18,6 +18,7 @@ urlpatterns = [
     path("p/<slug:slug>/pairs/", views.pairs, name="projects-pairs"),
     path("p/<slug:slug>/pairs/import/", views.pairs_import, name="projects-pairs-import"),
     path("p/<slug:slug>/pairs/export.jsonl", views.pairs_export, name="projects-pairs-export"),
+    path("p/<slug:slug>/pairs/review/", views.pairs_review, name="projects-pairs-review"),
     path("p/<slug:slug>/pairs/<int:pk>/edit/", views.pair_edit, name="projects-pair-edit"),
     path("p/<slug:slug>/pairs/<int:pk>/delete/", views.pair_delete, name="projects-pair-delete"),
 ]

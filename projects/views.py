@@ -8,6 +8,7 @@ from django.core.paginator import Paginator
 from django.db.models import Count, Q
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HTMX_STOP_POLLING
 
@@ -202,17 +203,23 @@ def _pairs_page(
     status: int = 200,
 ) -> HttpResponse:
     split = request.GET.get("split", "")
-    pairs = project.pairs.all()
+    review = request.GET.get("review", "")
+    pairs = project.pairs.select_related("document")
     if split in InstructionPair.Split.values:
         pairs = pairs.filter(split=split)
+    if review in InstructionPair.Review.values:
+        pairs = pairs.filter(review=review)
     page = Paginator(pairs, 50).get_page(request.GET.get("page"))
     context = project_context(request, project, "pairs") | {
         "page": page,
         "split": split,
+        "review": review,
         "counts": project.pairs.aggregate(
             total=Count("pk"),
             train=Count("pk", filter=Q(split=InstructionPair.Split.TRAIN)),
             eval=Count("pk", filter=Q(split=InstructionPair.Split.EVAL)),
+            pending=Count("pk", filter=Q(review=InstructionPair.Review.PENDING)),
+            rejected=Count("pk", filter=Q(review=InstructionPair.Review.REJECTED)),
         ),
         "import_form": import_form or PairImportForm(),
         "pair_form": pair_form or PairForm(),
@@ -252,6 +259,26 @@ def pairs_import(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     upload = form.cleaned_data["file"]
     report = services.pairs_import(project=project, data=upload.read(), filename=upload.name)
     return _pairs_page(request, project, report=report)
+
+
+@login_required
+@require_POST
+def pairs_review(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    """Accept or reject the ticked pairs, or every pair still waiting for review."""
+    project = project_or_404(request, slug)
+    decision = request.POST.get("decision", "")
+    if request.POST.get("scope") == "all-pending":
+        ids = list(project.pairs.filter(review=InstructionPair.Review.PENDING).values_list("pk", flat=True))
+    else:
+        ids = [int(v) for v in request.POST.getlist("pair") if v.isdigit()]
+    try:
+        changed = services.pairs_review(project=project, pair_ids=ids, decision=decision)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        verb = "accepted" if decision == InstructionPair.Review.ACCEPTED else "rejected"
+        messages.success(request, f"{changed} pair{'s' if changed != 1 else ''} {verb}.")
+    return redirect(f"{reverse('projects-pairs', args=[project.slug])}?review={request.POST.get('back', '')}")
 
 
 @login_required

@@ -61,6 +61,26 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
+
+
+def _field_key() -> str:
+    """The Fernet key that encrypts stored secrets (teachers' API keys). Separate from SECRET_KEY,
+    so rotating sessions' key does not make the stored secrets unreadable; kept like it."""
+    from_env = os.environ.get("FIELD_ENCRYPTION_KEY")
+    if from_env:
+        return from_env
+    key_file = DATA_DIR / "field_key"
+    if not key_file.exists():
+        from cryptography.fernet import Fernet
+
+        tmp = key_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(Fernet.generate_key())
+        tmp.chmod(0o600)
+        os.replace(tmp, key_file)
+    return key_file.read_text().strip()
+
+
+FIELD_ENCRYPTION_KEY = _field_key()
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])

@@ -16,6 +16,7 @@ urlpatterns = [
     path("", include("projects.urls")),
     path("base-models/", include("training.base_urls")),
     path("p/<slug:slug>/builds/", include("training.urls")),
+    path("p/<slug:slug>/teachers/", include("training.teacher_urls")),
     path("p/<slug:slug>/models/", include("inference.urls")),
     path("settings/", inference_views.settings_page, name="inference-settings"),
     path("settings/tokens/<int:pk>/revoke/", inference_views.token_revoke, name="inference-token-revoke"),

@@ -7,4 +7,4 @@ class TrainingConfig(AppConfig):
     name = "training"
 
     def ready(self) -> None:
-        from . import pruning, tuning, worker  # noqa: F401  (registers the training steps; the worker sweep)
+        from . import distilling, pruning, tuning, worker  # noqa: F401  (registers the training steps; the worker sweep)

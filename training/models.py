@@ -245,3 +245,88 @@ class ModelVersion(models.Model):
     @property
     def evaluation(self) -> dict:
         return self.metrics.get("evaluate", {})
+
+
+class Teacher(models.Model):
+    """A larger model that writes answers for a project: distillation and pair generation."""
+
+    class Kind(models.TextChoices):
+        ENDPOINT = "endpoint", "OpenAI-compatible endpoint"
+        HF = "hf", "Local Hugging Face folder"
+        GGUF = "gguf", "Local GGUF file"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="teachers")
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    path = models.CharField(max_length=500, blank=True)  # a local folder or file
+    base_url = models.CharField(max_length=500, blank=True)  # http://host:port/v1
+    model_name = models.CharField(max_length=200, blank=True)
+    # Fernet-encrypted (slmstudio.lib.crypto); never shown again once saved.
+    api_key_encrypted = models.TextField(blank=True)
+    requests_per_minute = models.FloatField(null=True, blank=True)
+    timeout_seconds = models.FloatField(default=60.0)
+    max_concurrency = models.PositiveSmallIntegerField(default=2)
+    added_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    checked_at = models.DateTimeField(null=True, blank=True)
+    check_ok = models.BooleanField(null=True, blank=True)
+    check_message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="teacher_unique_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_encrypted)
+
+    @property
+    def where(self) -> str:
+        """Where it runs, for pages: the endpoint and model, or the local path."""
+        return f"{self.model_name} at {self.base_url}" if self.kind == self.Kind.ENDPOINT else self.path
+
+
+class GenerationRun(models.Model):
+    """A background job in which a teacher writes question/answer pairs from the documents."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        CANCELLED = "cancelled", "Cancelled"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    TERMINAL = frozenset({Status.CANCELLED, Status.SUCCEEDED, Status.FAILED})
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="generation_runs")
+    teacher = models.ForeignKey(Teacher, on_delete=models.CASCADE, related_name="runs")
+    per_document = models.PositiveIntegerField(default=5)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.CharField(max_length=200, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    total = models.PositiveIntegerField(default=0)  # passages to ask about
+    # Passage ids already asked about (answered, duplicate or given up on): a resumed run skips them.
+    done = models.JSONField(default=list, blank=True)
+    added = models.PositiveIntegerField(default=0)
+    duplicates = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Generation #{self.pk} of {self.project}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL

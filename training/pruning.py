@@ -30,7 +30,7 @@ def _calibration_texts(ctx: StepContext) -> tuple[list[str], str]:
     texts = documents_training_text(project=ctx.build.project)
     if texts:
         return texts, "documents"
-    rows = ctx.build.project.pairs.filter(split=InstructionPair.Split.TRAIN).order_by("pk")
+    rows = ctx.build.project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).order_by("pk")
     pairs = ["\n\n".join(filter(None, row)) for row in rows.values_list("instruction", "input", "response")]
     return pairs, "instruction pairs" if pairs else "none"
 
@@ -103,7 +103,11 @@ def prune_step(ctx: StepContext) -> dict:
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        copy_licence(weights, tmp)
+        copy_licence(
+            weights, tmp, title=f"pruned ({settings.method})",
+            summary=f"pruned by SLM Studio ({result.as_metrics()['parameter_ratio']:.0%} of its parameters kept, "
+            f"{result.sparsity:.0%} of the layer weights zero)",
+        )  # fmt: skip
     del model
     # The model before pruning, as the GGUF the evaluation compares the pruned one with.
     ctx.progress(0, 1, "Converting the unpruned model for comparison", force=True)
@@ -144,7 +148,7 @@ def heal_step(ctx: StepContext) -> dict:
 
     weights = _weights(ctx)
     count = _chat_counter(AutoTokenizer.from_pretrained(str(weights), local_files_only=True))
-    rows = ctx.build.project.pairs.order_by("pk").values_list("instruction", "input", "response", "split")
+    rows = ctx.build.project.pairs.usable().order_by("pk").values_list("instruction", "input", "response", "split")
     train_pairs = [("\n\n".join(filter(None, [i, x])), r) for i, x, r, s in rows if s != InstructionPair.Split.EVAL]
     held_pairs = [("\n\n".join(filter(None, [i, x])), r) for i, x, r, s in rows if s == InstructionPair.Split.EVAL]
     windows = _text_windows(documents_training_text(project=ctx.build.project))
@@ -207,6 +211,6 @@ def _restore_zeros(ctx: StepContext, pruned: Path, merged: Path) -> float:
     with atomic_dir(merged) as tmp:
         healed.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        copy_licence(pruned, tmp)
+        copy_licence(pruned, tmp, title="healed", summary="healed by SLM Studio with a short LoRA fine-tune, its pruned weights kept at zero")
     return round(zeros / total, 4) if total else 0.0
 

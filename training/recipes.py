@@ -8,6 +8,7 @@
     rag,raft                     fine-tune on retrieval-augmented examples (RAFT)
     prune                        prune the model (settings: --set prune.method=wanda ...)
     prune,heal                   prune, then a short LoRA fine-tune to recover quality
+    distill                      learn from a teacher (--set distill.teacher=ID distill.mode=logits|sequence)
     rag,lora,prune,quantize:q4_k_m  the "maximum compression" chain
     check                        read documents and check pairs only (makes no model)
 
@@ -85,7 +86,7 @@ class Plan:
     rag: bool
     quantize: tuple[str, ...]
     imatrix: bool = False
-    tune: str = ""  # "lora", "raft" or "" (no fine-tuning)
+    tune: str = ""  # "lora", "raft", "distill" or "" (no fine-tuning)
     prune: bool = False
     heal: bool = False
 
@@ -112,10 +113,10 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
             prune = True
         elif item == "heal":
             heal = True
-        elif item in ("lora", "raft"):
+        elif item in ("lora", "raft", "distill"):
             if tune and tune != item:
                 raise RecipeError(
-                    "Choose lora or raft: RAFT already trains a LoRA adapter, on retrieval examples."
+                    "Choose one of lora, raft or distill: each trains the model once, in its own way."
                 )
             tune = item
         elif item.startswith("quantize:"):
@@ -126,8 +127,8 @@ def recipe_plan(recipe: str, *, base_has_gguf: bool = True) -> Plan:
                 types.append(qtype)
         else:
             raise RecipeError(
-                f"Unknown recipe item “{item}”. Use rag, lora, raft, prune, heal, quantize:<type>, imatrix "
-                "or check."
+                f"Unknown recipe item “{item}”. Use rag, lora, raft, distill, prune, heal, quantize:<type>, "
+                "imatrix or check."
             )
     # RAFT trains on retrieved passages, so it needs the index (and the model serves with it).
     rag = rag or tune == "raft"
@@ -180,6 +181,8 @@ def recipe_label(recipe: str) -> str:
         parts.append("fine-tuned on your instruction pairs (LoRA)")
     elif plan.tune == "raft":
         parts.append("fine-tuned to answer from retrieved passages (RAFT)")
+    elif plan.tune == "distill":
+        parts.append("taught by a larger teacher model (distillation)")
     if plan.prune:
         parts.append("pruned and healed" if plan.heal else "pruned")
     if plan.quantize:

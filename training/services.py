@@ -72,10 +72,11 @@ def build_start(
 # Which steps a "--set PREFIX.KEY=VALUE" reaches, and under which parameter. LoRA settings apply
 # to RAFT and healing too: both train a LoRA adapter (heal.KEY sets healing alone).
 SETTING_PREFIXES: dict[str, list[tuple[str, str | None]]] = {
-    "lora": [("lora", "overrides"), ("raft", "overrides"), ("heal", "overrides")],
+    "lora": [("lora", "overrides"), ("raft", "overrides"), ("heal", "overrides"), ("distill", "overrides")],
     "raft": [("raft", "raft")],
     "rag": [("rag", None)],
     "prune": [("prune", None)],
+    "distill": [("distill", None)],
     "heal": [("heal", "overrides")],
 }
 

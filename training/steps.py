@@ -163,8 +163,8 @@ def validate_step(ctx: StepContext) -> dict:
     project = ctx.build.project
     ctx.progress(0, 1, "Checking documents and instruction pairs", force=True)
     documents = project.documents.filter(status=Document.Status.PARSED).count()
-    train = project.pairs.filter(split=InstructionPair.Split.TRAIN).count()
-    eval_ = project.pairs.filter(split=InstructionPair.Split.EVAL).count()
+    train = project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).count()
+    eval_ = project.pairs.usable().filter(split=InstructionPair.Split.EVAL).count()
     if documents == 0 and train + eval_ == 0:
         raise StepError(
             "This project has no usable data yet: add documents or instruction pairs, then build again."

@@ -25,3 +25,15 @@ def run_build_task(build_id: int) -> None:
     from .services import build_run
 
     build_run(build_id=build_id)
+
+
+@shared_task(
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=settings.BUILD_TIME_LIMIT,
+    time_limit=settings.BUILD_TIME_LIMIT + 120,
+)
+def generate_pairs_task(run_id: int) -> None:
+    from .teachers import generation_run
+
+    generation_run(run_id=run_id)

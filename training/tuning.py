@@ -26,7 +26,7 @@ HISTORY_WRITE_SECONDS = 2.0
 
 
 def _pairs(ctx: StepContext) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    rows = ctx.build.project.pairs.order_by("pk").values_list("instruction", "input", "response", "split")
+    rows = ctx.build.project.pairs.usable().order_by("pk").values_list("instruction", "input", "response", "split")
     train, held = [], []
     for instruction, input_, response, split in rows:
         question = "\n\n".join(filter(None, [instruction, input_]))
@@ -61,7 +61,9 @@ def _plain_examples(pairs: list[tuple[str, str]], count: Callable[[list[dict]], 
     ]
 
 
-def _train(ctx: StepContext, weights: Path, train: list, held: list, extra: dict) -> dict:
+def _train(ctx: StepContext, weights: Path, train: list, held: list, extra: dict, *, distill: Any = None) -> dict:
+    """Train on `train` (lora.Example) with the step's settings; `distill` (lora.Distillation)
+    adds a teacher's logits to the loss."""
     from .ml import lora
 
     tokens = sum(len(e.text) + sum(len(m["content"]) for m in e.messages) for e in train) // 4  # a rough count for the defaults
@@ -82,6 +84,7 @@ def _train(ctx: StepContext, weights: Path, train: list, held: list, extra: dict
                 "eval_loss": point.eval_loss,
                 "tokens_per_second": round(point.tokens_per_second, 1),
             }
+            | ({"distill_loss": point.distill_loss} if getattr(point, "distill_loss", None) is not None else {})
         )
         eta = f", about {_duration(point.eta_seconds)} left" if point.eta_seconds else ""
         ctx.progress(point.step, point.total_steps, f"Step {point.step} of {point.total_steps}{eta}")
@@ -94,8 +97,18 @@ def _train(ctx: StepContext, weights: Path, train: list, held: list, extra: dict
     ctx.progress(0, 1, f"Training on {len(train)} examples", force=True)
     try:
         result = lora.train_lora(
-            weights, train, held, ctx.workdir, settings, on_point=on_point, should_stop=ctx.cancel_requested
-        )
+            weights, train, held, ctx.workdir, settings, on_point=on_point, should_stop=ctx.cancel_requested,
+            **(
+                {
+                    "distill": distill,
+                    "on_teacher": lambda done, total: ctx.progress(
+                        done, total, f"The teacher reads the training examples: {done} of {total}"
+                    ),
+                }
+                if distill is not None
+                else {}
+            ),
+        )  # fmt: skip
     except lora.TrainingStopped:
         ctx.step.metrics = {"history": history}
         BuildStep.objects.filter(pk=ctx.step.pk).update(metrics=ctx.step.metrics)
@@ -103,7 +116,8 @@ def _train(ctx: StepContext, weights: Path, train: list, held: list, extra: dict
     if result.resumed_from:
         ctx.log(f"Resumed training from the checkpoint at step {result.resumed_from}.")
     ctx.output("hf_dir", result.merged_dir)
-    ctx.output("adapter_dir", result.adapter_dir)
+    if result.adapter_dir is not None:  # a full fine-tune has no adapter
+        ctx.output("adapter_dir", result.adapter_dir)
     ctx.log(
         f"Trained {result.steps} steps on {len(train)} examples: eval loss "
         f"{_loss(result.base_eval_loss)} before, {_loss(result.eval_loss)} after."

@@ -23,9 +23,13 @@ def sweep() -> None:
     from projects.services import documents_requeue_stale
 
     from .services import builds_recover_stale
+    from .teachers import generation_runs_recover_stale
 
     try:
         builds = builds_recover_stale()
+        runs = generation_runs_recover_stale()
+        if runs:
+            log.info("recovered stale generation runs %s", runs)
         docs = documents_requeue_stale(stale_after=timedelta(seconds=settings.BUILD_STALE_SECONDS))
         if builds or docs:
             log.info("re-queued stale builds %s and documents %s", builds, docs)

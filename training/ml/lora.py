@@ -18,9 +18,10 @@ examples) processed 130 real tokens/s in fp32 and 181 in bf16. This loop differs
   checkpointing, which would redo a third of the work (see `_memory_plan`).
 
 Checkpoints (`<work_dir>/checkpoints/step-NNNNNN`, the last two kept, each written to a temporary
-folder and renamed into place) hold the LoRA weights (safetensors), the optimizer and scheduler
-state and the torch RNG (`optimizer.pt`, read back with `weights_only=True`), and the step, epoch
-position, history, python and numpy RNG states in `state.json`. A run started on a work_dir that
+folder and renamed into place) hold the trained weights (safetensors: the LoRA matrices, or every
+weight of a full fine-tune, a tied output layer once under its embedding's name), the optimizer
+and scheduler state and the torch RNG (`optimizer.pt`, read back with `weights_only=True`), and
+the step, epoch position, history, python and numpy RNG states in `state.json`. A run started on a work_dir that
 has one continues from it. Batch order is a pure function of (seed, epoch), so the only state a
 resume needs is what the checkpoint holds; on the same machine and thread count a resumed run ends
 with bitwise the same adapter as an unbroken one (tested on the CPU; also seen on an H200). A
@@ -33,6 +34,18 @@ Finished runs leave, in one rename each:
     <work_dir>/adapter/   PEFT adapter: adapter_config.json + adapter_model.safetensors
     <work_dir>/merged/    fp32 safetensors model with the adapter merged in, tokenizer, chat
                           template, licence: what `gguf_convert.convert_hf_to_gguf` reads
+
+With `LoraSettings.full_finetune` every weight trains instead (no adapter): `merged/` is then the
+trained model itself and there is no `adapter/`.
+
+Logit distillation (`Distillation`): a teacher with the student's tokenizer scores the training
+examples once, before the first step; its top-k logits at the response positions are cached in
+`<work_dir>/teacher-topk.safetensors` (a resumed run reads them back, the teacher is not run
+again), and the training loss mixes the KL divergence from the teacher's softened distribution
+with the usual cross-entropy on the gold response (see `distillation_loss_sum`). Caching the top k
+rather than the whole distribution keeps it small: SmolLM2's 49,152 logits per token would be
+192 KB; 64 of them with their ids are 512 bytes, and they hold nearly all of the teacher's mass
+at a temperature of a few degrees.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -64,6 +78,7 @@ from training.ml.rag import PRECISIONS
 from training.ml.rag import resolve_precision as _cpu_precision
 
 __all__ = [
+    "Distillation",
     "Encoded",
     "Example",
     "LoraResult",
@@ -71,8 +86,10 @@ __all__ = [
     "TrainPoint",
     "TrainingStopped",
     "default_settings",
+    "distillation_loss_sum",
     "encode",
     "length_buckets",
+    "teacher_topk",
     "train_lora",
 ]
 
@@ -82,6 +99,8 @@ CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2
 MAX_BAD_STEPS = 10  # consecutive steps with non-finite gradients before the run is declared diverged
 IGNORE_INDEX = -100  # the label of a token that is not learned (PyTorch's cross-entropy convention)
+TEACHER_CACHE = "teacher-topk.safetensors"  # in the work_dir of a distillation run
+TEACHER_CACHE_FORMAT = "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,6 +134,11 @@ class LoraSettings:
     precision: str = "auto"  # "auto" = bf16 autocast where the CPU (or GPU) supports it, else fp32
     gradient_checkpointing: bool | None = None  # None = only when one example's activations do not fit
     max_grad_norm: float = 1.0  # gradient clipping; guards the first steps on a fresh adapter
+    # Train every weight instead of an adapter (rank, alpha, dropout and target_modules are then
+    # unused). It wants a learning rate about 10x lower than LoRA's (2e-5 rather than 2e-4), which
+    # is not applied automatically, and AdamW keeps two fp32 moments per weight: 16 bytes per
+    # parameter with the gradients, besides the activations.
+    full_finetune: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -208,6 +232,36 @@ def _parse_value(hint: Any, text: str) -> Any:
     if kind is float:
         return float(text)
     return text
+
+
+# Settings fields added after CHECKPOINT_FORMAT 1, with their defaults: a field at its default is
+# left out of the run fingerprint, so the checkpoints of runs started before it existed resume.
+_LATER_FIELDS: dict[str, Any] = {"full_finetune": False}
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Logit distillation from a teacher that shares the student's tokenizer.
+
+    The loss per response token is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE,
+    with both distributions softened by the temperature T (see `distillation_loss_sum`).
+    """
+
+    teacher_dir: Path  # a local safetensors model folder, loadable with base_models.load_causal_lm
+    temperature: float = 4.0  # softens both distributions so the teacher's runner-up tokens teach too
+    alpha: float = 0.5  # weight of the distillation term; the gold response gets 1 - alpha
+    top_k: int = 64  # teacher logits cached per position; the rest of its distribution is dropped
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature > 0, "temperature must be positive."),
+            (0.0 <= self.alpha <= 1.0, "alpha must be between 0 and 1."),
+            (self.top_k >= 1, "top_k must be at least 1."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        object.__setattr__(self, "teacher_dir", Path(self.teacher_dir))
 
 
 # Tokens the default settings may process in one run (epochs x training tokens). Two cores with
@@ -396,11 +450,16 @@ class TrainPoint:
     tokens_per_second: float  # real tokens per second of training in this session
     seconds: float  # training time so far, over all sessions of the run
     eta_seconds: float | None
+    # Distillation runs: this step's KD term, T^2 x KL per response token before the alpha weight
+    # (train_loss = alpha x distill_loss + (1 - alpha) x cross-entropy). Defaults to None so the
+    # history in checkpoints written before it existed still loads.
+    distill_loss: float | None = None
 
 
 @dataclass(frozen=True)
 class LoraResult:
-    adapter_dir: Path  # PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    # PEFT adapter (adapter_config.json + adapter_model.safetensors); None after a full fine-tune
+    adapter_dir: Path | None
     merged_dir: Path  # merged fp32 safetensors model + tokenizer files (+ chat template)
     steps: int
     tokens: int
@@ -476,7 +535,9 @@ class _MemoryPlan:
     bytes_per_token: int  # estimated activation bytes kept for backward, per token
 
 
-def _memory_plan(config: Any, settings: LoraSettings, *, precision: str, memory: int) -> _MemoryPlan:
+def _memory_plan(
+    config: Any, settings: LoraSettings, *, precision: str, memory: int, distilling: bool = False
+) -> _MemoryPlan:
     """How to keep one step's activations within ACTIVATION_SHARE of memory.
 
     Per token, a Llama block with LoRA on every linear layer keeps about 14 x hidden +
@@ -493,6 +554,9 @@ def _memory_plan(config: Any, settings: LoraSettings, *, precision: str, memory:
     work). Gradient checkpointing, which recomputes every block's forward pass in backward (about
     a third more work), is switched on only when not even one max_length example fits; then a
     token keeps each block's input (4 x hidden bytes per layer) plus one live block.
+
+    Distillation computes a second, softened log-softmax over the vocabulary at the response
+    positions and its gradient: charged as another vocab x 12 bytes (estimated, not measured).
     """
     element = max(3, 2 if precision == "bfloat16" else 4)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
@@ -500,14 +564,15 @@ def _memory_plan(config: Any, settings: LoraSettings, *, precision: str, memory:
     layers = int(getattr(config, "num_hidden_layers", 0) or 1)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     block = (14 * hidden + 7 * intermediate) * element
-    per_token = layers * block + vocab * 12
+    head = vocab * (24 if distilling else 12)
+    per_token = layers * block + head
     budget = int(memory * ACTIVATION_SHARE)
     fits = budget // max(1, per_token)
     checkpointing = settings.gradient_checkpointing
     if checkpointing is None:
         checkpointing = fits < settings.max_length
     if checkpointing:
-        per_token = layers * hidden * 4 + block + vocab * 12
+        per_token = layers * hidden * 4 + block + head
         fits = budget // max(1, per_token)
     return _MemoryPlan(
         # Never below one max_length row: a row cannot be split, and going lower gains nothing.
@@ -543,6 +608,8 @@ def train_lora(
     on_point: Callable[[TrainPoint], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     device: str | None = None,
+    distill: Distillation | None = None,
+    on_teacher: Callable[[int, int], None] | None = None,
 ) -> LoraResult:
     """Train a LoRA adapter on `train`, resuming from `work_dir`'s last checkpoint if it has one.
 
@@ -555,6 +622,12 @@ def train_lora(
     `device` None means the GPU when torch sees one, else the CPU; on the CPU torch uses one thread
     per core this process may run on (restored afterwards). `eval` may be empty: then there are
     no eval losses.
+
+    `distill` adds logit distillation from its teacher (which must share the student's tokenizer,
+    else ValueError); the teacher runs once over `train` before the first step, reporting
+    `on_teacher(examples done, examples)` and asking `should_stop` between its batches, unless
+    `work_dir` already holds its logits. `settings.full_finetune` trains every weight instead
+    of an adapter; the result's adapter_dir is then None.
     """
     import torch
 
@@ -566,8 +639,19 @@ def train_lora(
     if device == "cpu":
         torch.set_num_threads(_cpu_threads())
     try:
-        run = _Run(Path(model_dir), train, eval, work_dir, settings, device=device, precision=precision)
-        return run.execute(on_point=on_point, should_stop=should_stop or (lambda: False))
+        run = _Run(
+            Path(model_dir),
+            train,
+            eval,
+            work_dir,
+            settings,
+            device=device,
+            precision=precision,
+            distill=distill,
+        )
+        return run.execute(
+            on_point=on_point, should_stop=should_stop or (lambda: False), on_teacher=on_teacher
+        )
     finally:
         torch.set_num_threads(threads_before)
 
@@ -583,12 +667,19 @@ class _Run:
         *,
         device: str,
         precision: str,
+        distill: Distillation | None = None,
     ) -> None:
         import torch
 
         self.model_dir, self.work_dir, self.settings = model_dir, work_dir, settings
         self.device, self.precision = device, precision
         self.checkpoints = work_dir / "checkpoints"
+        self.distill = distill
+        # Per training example, the teacher's (top-k ids, logits) at its response positions;
+        # filled by _load_teacher before the first step.
+        self.teacher: list[tuple[Any, Any]] | None = None
+        self.last_distill_loss: float | None = None  # the last step's KD term, for its TrainPoint
+        self._distill_sum = 0.0
 
         model, self.tokenizer = load_causal_lm(model_dir)
         # Positions past the model's context were never trained; cut there rather than extrapolate.
@@ -608,13 +699,23 @@ class _Run:
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.eval_every = settings.eval_every or max(1, self.total_steps // 4)
-        self.memory = _memory_plan(model.config, settings, precision=precision, memory=_memory_bytes(device))
+        self.memory = _memory_plan(
+            model.config,
+            settings,
+            precision=precision,
+            memory=_memory_bytes(device),
+            distilling=distill is not None,
+        )
+        # Checked before any training: a teacher with another tokenizer is refused up front.
+        self.teacher_fingerprint, self.teacher_vocab = (
+            _check_teacher(distill.teacher_dir, self.tokenizer, model.config) if distill else ("", 0)
+        )
         self.fingerprint = self._fingerprint(model.config)
 
         # Everything random from here on (LoRA init, dropout) follows the seed; a resume
         # overwrites the weights and the generator state from the checkpoint.
         _seed_all(settings.seed)
-        self.model = self._attach_lora(model)
+        self.model = self._prepare_full(model) if settings.full_finetune else self._attach_lora(model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay
@@ -647,14 +748,23 @@ class _Run:
         if self.precision == "bfloat16":
             _prepare_for_autocast(peft_model)
         if self.memory.gradient_checkpointing:
-            base = peft_model.get_base_model()
-            # Non-reentrant: recomputes with the saved RNG state (same dropout masks) and needs no
-            # gradient on the inputs. transformers 5 renamed the switch; the old name warns.
-            if hasattr(base, "activation_checkpointing_enable"):
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(peft_model.get_base_model())
         return peft_model.to(self.device)
+
+    def _prepare_full(self, model: Any) -> Any:
+        """The plain model with every weight trainable (full fine-tuning). The weights stay fp32
+        under bf16 autocast: they are the master copy the optimizer updates, so unlike LoRA's
+        frozen weights they cannot be stored in bf16 once (`_prepare_for_autocast`)."""
+        model.config.use_cache = False
+        for param in model.parameters():
+            param.requires_grad_(True)
+        if self.memory.gradient_checkpointing:
+            _enable_checkpointing(model)
+        return model.to(self.device)
+
+    def _base_model(self) -> Any:
+        """The transformers model the forward pass runs: under the PEFT wrapper, or the model itself."""
+        return self.model if self.settings.full_finetune else self.model.get_base_model()
 
     def _fingerprint(self, config: Any) -> str:
         """What a checkpoint must match to be resumed: the data, the model and the settings that
@@ -662,7 +772,20 @@ class _Run:
         digest = hashlib.sha256()
         unrelated = {"checkpoint_every", "eval_every", "gradient_checkpointing"}
         chosen = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in unrelated}
+        for name, default in _LATER_FIELDS.items():
+            if chosen.get(name) == default:
+                del chosen[name]
         digest.update(json.dumps(chosen, sort_keys=True, default=list).encode())
+        if self.distill is not None:
+            # The teacher's files (by name, size and time) and how its logits are used; a run
+            # without distillation adds nothing here, so its fingerprint is what it always was.
+            recipe = {
+                "temperature": self.distill.temperature,
+                "alpha": self.distill.alpha,
+                "top_k": self.distill.top_k,
+                "teacher": self.teacher_fingerprint,
+            }
+            digest.update(b"distill:" + json.dumps(recipe, sort_keys=True).encode())
         digest.update(config.to_json_string(use_diff=False).encode())
         for dataset in (self.train_set, self.eval_set):
             for item in dataset:
@@ -674,7 +797,11 @@ class _Run:
     # -- main -------------------------------------------------------------------------------
 
     def execute(
-        self, *, on_point: Callable[[TrainPoint], None] | None, should_stop: Callable[[], bool]
+        self,
+        *,
+        on_point: Callable[[TrainPoint], None] | None,
+        should_stop: Callable[[], bool],
+        on_teacher: Callable[[int, int], None] | None = None,
     ) -> LoraResult:
         progress = _Progress()
         resumed_from = None
@@ -682,6 +809,13 @@ class _Run:
         if latest is not None:
             progress = self._load_checkpoint(latest)
             resumed_from = progress.step
+        if self.distill is not None and progress.step < self.total_steps:
+            # A stop while the teacher runs leaves self.teacher None; the checkpoint is written
+            # outside the handler, so the TrainingStopped raised then has no chained context.
+            with contextlib.suppress(TrainingStopped):
+                self.teacher = self._load_teacher(should_stop, on_teacher)
+            if self.teacher is None:
+                self._stop(progress)
         if not progress.base_evaluated:
             loss = self._evaluate(should_stop)
             if loss is _STOPPED:
@@ -724,6 +858,7 @@ class _Run:
                 tokens_per_second=session_tokens / session_train_seconds if session_train_seconds else 0.0,
                 seconds=progress.seconds,
                 eta_seconds=per_step * (self.total_steps - progress.step),
+                distill_loss=self.last_distill_loss,
             )
             progress.history.append(point)
             if stopped:  # during the evaluation: the step itself is done and goes in the checkpoint
@@ -771,6 +906,76 @@ class _Run:
         path = self._save_checkpoint(progress)
         raise TrainingStopped(progress.step, path)
 
+    # -- teacher ----------------------------------------------------------------------------
+
+    def _load_teacher(
+        self, should_stop: Callable[[], bool], on_progress: Callable[[int, int], None] | None
+    ) -> list[tuple[Any, Any]]:
+        """The teacher's top-k logits for every training example: from the cache in work_dir when
+        it was computed for this teacher, top_k and data, else by running the teacher once (and
+        caching the result, so a resumed run does not run it again)."""
+        import torch
+
+        assert self.distill is not None
+        cache = self.work_dir / TEACHER_CACHE
+        digest = hashlib.sha256()
+        key = {
+            "format": TEACHER_CACHE_FORMAT,
+            "teacher": self.teacher_fingerprint,
+            "top_k": self.distill.top_k,
+            "vocab": self.teacher_vocab,
+            "precision": self.precision,  # bf16 autocast rounds the teacher's logits
+        }
+        digest.update(json.dumps(key, sort_keys=True).encode())
+        for item in self.train_set:
+            digest.update(np.asarray(item.input_ids, dtype=np.int64).tobytes())
+            digest.update(np.asarray(item.labels, dtype=np.int64).tobytes())
+        fingerprint = digest.hexdigest()
+        cached = _read_teacher_cache(cache, fingerprint, len(self.train_set))
+        if cached is not None:
+            logger.info("Teacher logits read from %s.", cache)
+            return cached
+
+        started = time.perf_counter()
+        teacher, _ = load_causal_lm(self.distill.teacher_dir)
+        try:
+            teacher.to(self.device)
+            rows = teacher_topk(
+                teacher,
+                self.train_set,
+                top_k=self.distill.top_k,
+                # No gradients and no activations kept: the training pass's budget is ample.
+                batch_tokens=self.memory.micro_tokens,
+                vocab_size=self.teacher_vocab,
+                precision=self.precision,
+                should_stop=should_stop,
+                on_progress=on_progress,
+            )
+        finally:
+            del teacher  # the student trains without it beside
+            gc.collect()
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        _write_teacher_cache(cache, fingerprint, rows)
+        logger.info(
+            "Teacher scored %d examples in %.1f s; logits cached in %s.",
+            len(rows),
+            time.perf_counter() - started,
+            cache,
+        )
+        return rows
+
+    def _teacher_rows(self, indices: Sequence[int]) -> dict[str, Any]:
+        """The teacher's top-k ids and logits for a batch of training examples, their rows in the
+        order `_loss_sum` selects the student's positions: example by example in `indices`' order,
+        each example's response positions in order (the mask's row-major order)."""
+        import torch
+
+        assert self.teacher is not None
+        ids = torch.cat([self.teacher[i][0] for i in indices])
+        logits = torch.cat([self.teacher[i][1] for i in indices])
+        return {"teacher_ids": ids.to(self.device), "teacher_logits": logits.to(self.device)}
+
     # -- compute ----------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -783,27 +988,15 @@ class _Run:
     def _collate(self, indices: Sequence[int], data: Sequence[Encoded]) -> dict[str, Any]:
         """Right-padded tensors. Positions count from 0 in every row; with right padding and a
         causal mask no real token ever looks at a pad, and the mask keeps pads out of attention."""
-        import torch
-
-        rows = [data[i] for i in indices]
-        width = max(len(row.input_ids) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            n = len(row.input_ids)
-            input_ids[r, :n] = torch.tensor(row.input_ids)
-            labels[r, :n] = torch.tensor(row.labels)
-            mask[r, :n] = 1
-        positions = torch.arange(width).expand(len(rows), width)
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": positions}
+        batch = _padded([data[i] for i in indices], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _loss_sum(self, batch: dict[str, Any]) -> Any:
-        """Summed cross-entropy over the batch's response tokens (fp32)."""
+        """Summed loss over the batch's response tokens (fp32): cross-entropy, or with teacher rows
+        in the batch (training steps of a distillation run) the distillation loss."""
         import torch.nn.functional as F
 
-        base = self.model.get_base_model()
+        base = self._base_model()
         targets = batch["labels"][:, 1:]
         selected = targets != IGNORE_INDEX
         if self.uses_head_shortcut:
@@ -822,7 +1015,20 @@ class _Run:
                 position_ids=batch["position_ids"],
                 use_cache=False,
             ).logits[:, :-1][selected]
-        return F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        if "teacher_ids" not in batch:
+            return F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        assert self.distill is not None
+        loss, kd = _distillation_terms(
+            logits,
+            targets[selected],
+            batch["teacher_ids"],
+            batch["teacher_logits"],
+            temperature=self.distill.temperature,
+            alpha=self.distill.alpha,
+        )
+        if kd is not None:
+            self._distill_sum += float(kd.detach())
+        return loss
 
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
         """Consecutive rows of a (length-sorted) batch, each within the memory plan's tokens."""
@@ -848,8 +1054,13 @@ class _Run:
         tokens = sum(len(self.train_set[i].input_ids) for i in indices)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        self._distill_sum = 0.0
         for part in self._micro_batches(indices):
             batch = self._collate(part, self.train_set)
+            if self.teacher is not None:
+                # Built for the same examples in the same order as the batch (micro-batches
+                # included), so teacher row j is the student's j-th selected position.
+                batch |= self._teacher_rows(part)
             with self._autocast():
                 loss_sum = self._loss_sum(batch)
             # Divided by the whole step's response tokens: the mean over real response tokens of
@@ -858,6 +1069,9 @@ class _Run:
             total += float(loss_sum.detach())
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
         loss = total / max(1, responses)
+        distilling = self.teacher is not None and self.distill is not None and self.distill.alpha > 0
+        kd = self._distill_sum / max(1, responses)
+        self.last_distill_loss = kd if distilling and math.isfinite(kd) else None
         if torch.isfinite(norm):
             self.optimizer.step()
             self.bad_steps = 0
@@ -875,7 +1089,11 @@ class _Run:
         return (loss if math.isfinite(loss) else None), tokens
 
     def _evaluate(self, should_stop: Callable[[], bool]) -> Any:
-        """Mean loss per response token over the eval set; None without one; _STOPPED on stop."""
+        """Mean loss per response token over the eval set; None without one; _STOPPED on stop.
+
+        Always plain cross-entropy on the gold responses, also when training distils (its batches
+        carry no teacher rows): the eval loss then means the same in every run and compares a
+        distilled model with a LoRA one and with its base. The teacher never sees the eval set."""
         import torch
 
         if not any(e.response_tokens for e in self.eval_set):
@@ -976,13 +1194,33 @@ class _Run:
 
     # -- export -----------------------------------------------------------------------------
 
-    def _export(self) -> tuple[Path, Path]:
+    def _export(self) -> tuple[Path | None, Path]:
         """Adapter as PEFT saves it; merged weights from a fresh fp32 copy of the base model (not
-        the training copy, which may have been moved or cast), each renamed into place."""
+        the training copy, which may have been moved or cast), each renamed into place. A full
+        fine-tune has no adapter: its training copy is the model, saved in fp32."""
+        import torch
         from peft import PeftModel
 
         adapter_dir = self.work_dir / "adapter"
         merged_dir = self.work_dir / "merged"
+        if self.settings.full_finetune:
+            model = self.model
+            self.model = self.optimizer = self.scheduler = self.params = None  # AdamW moments: 2x the model
+            gc.collect()
+            # The weights are fp32 masters already (bf16 only inside autocast); the cast is a no-op
+            # then, and guards a model that was loaded otherwise.
+            model = model.to("cpu", dtype=torch.float32)
+            model.config.use_cache = True
+            with atomic_dir(merged_dir) as tmp:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                self.tokenizer.save_pretrained(str(tmp))
+                copy_licence(
+                    self.model_dir,
+                    tmp,
+                    title="full fine-tune",
+                    summary="with every weight fine-tuned by SLM Studio (fp32)",
+                )
+            return None, merged_dir
         with atomic_dir(adapter_dir) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
         self.model = self.optimizer = self.scheduler = self.params = None  # free memory for the copy
@@ -1033,6 +1271,34 @@ def _prepare_for_autocast(peft_model: Any) -> None:
                     param.data = param.data.to(torch.bfloat16)
 
 
+def _enable_checkpointing(model: Any) -> None:
+    """Gradient checkpointing on a transformers model. Non-reentrant: recomputes with the saved RNG
+    state (same dropout masks) and needs no gradient on the inputs. transformers 5 renamed the
+    switch; the old name warns."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _padded(rows: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
+    """Right-padded CPU tensors of `rows`: input_ids, labels (IGNORE_INDEX on pads), attention_mask,
+    position_ids counting from 0 in every row."""
+    import torch
+
+    width = max(len(row.input_ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids[r, :n] = torch.tensor(row.input_ids)
+        labels[r, :n] = torch.tensor(row.labels)
+        mask[r, :n] = 1
+    positions = torch.arange(width).expand(len(rows), width)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": positions}
+
+
 def _plain_lm_head(config: Any) -> bool:
     """Whether logits are just the output layer applied to the decoder's last hidden state
     (Llama, Mistral, Qwen2), so it may run on the response positions alone."""
@@ -1066,6 +1332,240 @@ def _numpy_rng_state() -> list[Any]:
 def _numpy_state_from_json(state: list[Any]) -> tuple[Any, ...]:
     name, keys, pos, has_gauss, cached = state
     return (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation
+
+
+def distillation_loss_sum(
+    student_logits: Any,
+    targets: Any,
+    teacher_ids: Any,
+    teacher_logits: Any,
+    *,
+    temperature: float,
+    alpha: float,
+) -> Any:
+    """Summed distillation loss over N positions (an fp32 scalar tensor).
+
+    student_logits [N, V] are the student's logits at the positions that predict a response token,
+    targets [N] the gold tokens there (rows whose target is IGNORE_INDEX count for nothing),
+    teacher_ids and teacher_logits [N, k] the teacher's top-k token ids and logits. Per position:
+
+        alpha * T^2 * KL(p || q) + (1 - alpha) * CE(student, target)
+
+    p is the teacher's softmax(logits / T) renormalised over its k tokens, q the student's
+    softmax(logits / T) over the whole vocabulary, and the KL sums p_k (log p_k - log q_k) over the
+    k tokens: the teacher's mass outside its top k is taken as zero. With k = V it is the exact KL.
+    T^2 keeps the gradient's size independent of T (softening divides it by about T^2; Hinton et
+    al., 2015). alpha = 0 is exactly the summed cross-entropy.
+    """
+    loss, _ = _distillation_terms(
+        student_logits, targets, teacher_ids, teacher_logits, temperature=temperature, alpha=alpha
+    )
+    return loss
+
+
+def _distillation_terms(
+    student_logits: Any,
+    targets: Any,
+    teacher_ids: Any,
+    teacher_logits: Any,
+    *,
+    temperature: float,
+    alpha: float,
+) -> tuple[Any, Any]:
+    """(summed loss, summed T^2 x KL term or None when alpha is 0); see distillation_loss_sum."""
+    import torch
+    import torch.nn.functional as F
+
+    if teacher_ids.shape != teacher_logits.shape or teacher_ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"The teacher's rows {tuple(teacher_ids.shape)}/{tuple(teacher_logits.shape)} do not match "
+            f"the student's positions {tuple(student_logits.shape)}."
+        )
+    logits = student_logits.float()
+    if alpha == 0:
+        return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX), None
+    t = float(temperature)
+    log_q = F.log_softmax(logits / t, dim=-1).gather(-1, teacher_ids.long())
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    # where, not a boolean index: no device sync, and an ignored row's values never enter.
+    kd = (t * t) * torch.where(targets != IGNORE_INDEX, per_position, 0.0).sum()
+    if alpha == 1:
+        return kd, kd
+    ce = F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX)
+    return alpha * kd + (1 - alpha) * ce, kd
+
+
+def teacher_topk(
+    teacher: Any,
+    encoded: Sequence[Encoded],
+    *,
+    top_k: int,
+    batch_tokens: int = 4096,
+    vocab_size: int | None = None,
+    precision: str = "float32",
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[Any, Any]]:
+    """The teacher's top-k logits at the positions the student learns, for every example.
+
+    For example i, (ids, logits) are CPU tensors [n_i, k] (int32, float32; sorted by logit, highest
+    first), one row per position p with labels[p + 1] != IGNORE_INDEX in increasing p: the rows
+    `_Run._loss_sum` selects, n_i = encoded[i].response_tokens. k = min(top_k, vocabulary).
+    `vocab_size` limits the ids to those below it (the rows the student's output layer shares).
+    The teacher runs on its own device, without gradients, in eval mode, under bf16 autocast when
+    precision is "bfloat16". `should_stop` is asked between batches (TrainingStopped when it says
+    stop); `on_progress(examples done, examples)` follows each batch.
+    """
+    import torch
+
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    head = teacher.get_output_embeddings()
+    rows_out = int(head.weight.shape[0]) if head is not None else int(teacher.config.vocab_size)
+    vocab = min(vocab_size or rows_out, rows_out)
+    k = min(top_k, vocab)
+    plain = head is not None and _plain_lm_head(teacher.config)
+    # The output layer runs on at most this many positions at a time: about 256 MB of fp32 logits.
+    chunk = max(64, (256 << 20) // (4 * vocab))
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bfloat16"
+        else contextlib.nullcontext()
+    )
+    results: list[tuple[Any, Any] | None] = [None] * len(encoded)
+    done = 0
+    # Length-bucketed like training, so there is little padding; the order does not matter.
+    with torch.no_grad(), autocast:
+        for indices in length_buckets(encoded, batch_tokens=batch_tokens, seed=0, epoch=0):
+            if should_stop is not None and should_stop():
+                raise TrainingStopped()
+            # Pads are masked and sit after every real token (right padding, causal attention),
+            # so their id changes nothing.
+            rows = _padded([encoded[i] for i in indices], 0)
+            batch = {name: tensor.to(device) for name, tensor in rows.items()}
+            selected = batch["labels"][:, 1:] != IGNORE_INDEX
+            inputs = {
+                "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"],
+                "position_ids": batch["position_ids"],
+                "use_cache": False,
+            }
+            if plain:
+                hidden = teacher.get_decoder()(**inputs).last_hidden_state[:, :-1][selected]
+                parts = [head(piece)[:, :vocab].float().topk(k, dim=-1) for piece in hidden.split(chunk)]
+            else:
+                logits = teacher(**inputs).logits[:, :-1][selected]
+                parts = [piece[:, :vocab].float().topk(k, dim=-1) for piece in logits.split(chunk)]
+            values = torch.cat([part.values for part in parts]).cpu()
+            ids = torch.cat([part.indices for part in parts]).to(torch.int32).cpu()
+            counts = selected.sum(dim=1).tolist()
+            # The mask's row-major order: rows in batch order, each row's positions in order.
+            for index, row_ids, row_values in zip(
+                indices, ids.split(counts), values.split(counts), strict=True
+            ):
+                results[index] = (row_ids.clone(), row_values.clone())
+            done += len(indices)
+            if on_progress is not None:
+                on_progress(done, len(encoded))
+    return typing.cast(list[tuple[Any, Any]], results)
+
+
+def _check_teacher(teacher_dir: Path, tokenizer: Any, config: Any) -> tuple[str, int]:
+    """(fingerprint of the teacher's files, vocabulary rows teacher and student share), after
+    making sure the teacher reads and writes the student's tokens: logit distillation compares the
+    two distributions token by token, which means nothing across vocabularies."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from training.ml.base_models import ModelUnavailable, refuse_pickles
+
+    teacher_dir = Path(teacher_dir)
+    if not teacher_dir.is_dir():
+        raise ModelUnavailable(f"The teacher model folder {teacher_dir} does not exist.")
+    refuse_pickles(teacher_dir)
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir), local_files_only=True)
+        teacher_config = AutoConfig.from_pretrained(
+            str(teacher_dir), local_files_only=True, trust_remote_code=False
+        )
+    except OSError as exc:
+        raise ModelUnavailable(f"Cannot load the teacher in {teacher_dir.name}: {exc}") from exc
+    vocab = tokenizer.get_vocab()
+    if teacher_tokenizer.get_vocab() != vocab:
+        raise ValueError(
+            "logit distillation needs a teacher with the student's tokenizer; use sequence-level "
+            f"distillation (the teacher {teacher_dir.name} has another vocabulary)."
+        )
+    needed = max(vocab.values()) + 1
+    student_rows = int(getattr(config, "vocab_size", 0) or needed)
+    teacher_rows = int(getattr(teacher_config, "vocab_size", 0) or needed)
+    if teacher_rows < needed:
+        raise ValueError(
+            f"The teacher {teacher_dir.name} has {teacher_rows} output rows for a vocabulary of "
+            f"{needed} tokens; logit distillation needs a teacher that scores every token."
+        )
+    # Rows past the tokenizer's tokens (padding for fast kernels) are never the gold token; only
+    # those both models have can be compared.
+    return _folder_fingerprint(teacher_dir), min(student_rows, teacher_rows)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Names, sizes and modification times of a folder's files: cheap, and changes when the model
+    in it is replaced (hashing gigabytes of weights on every start would not be)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            stat = path.stat()
+            digest.update(f"{relative.as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_teacher_cache(path: Path, fingerprint: str, rows: Sequence[tuple[Any, Any]]) -> None:
+    """All examples' rows in two flat tensors plus offsets, written beside and renamed into place."""
+    import torch
+    from safetensors.torch import save_file
+
+    counts = [len(ids) for ids, _ in rows]
+    offsets = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
+    tensors = {
+        "ids": torch.cat([ids for ids, _ in rows]).contiguous(),
+        "logits": torch.cat([logits for _, logits in rows]).contiguous(),
+        "offsets": offsets,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "format": TEACHER_CACHE_FORMAT})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_teacher_cache(path: Path, fingerprint: str, examples: int) -> list[tuple[Any, Any]] | None:
+    """The cached rows per example, or None when there is no cache for this fingerprint."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("fingerprint") != fingerprint or metadata.get("format") != TEACHER_CACHE_FORMAT:
+            return None
+        tensors = load_file(str(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # unreadable: compute again
+        logger.warning("Ignoring the teacher cache %s: %s", path, exc)
+        return None
+    offsets = tensors["offsets"].tolist()
+    if len(offsets) != examples + 1:
+        return None
+    ids, logits = tensors["ids"], tensors["logits"]
+    return [(ids[a:b], logits[a:b]) for a, b in itertools.pairwise(offsets)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1115,8 +1615,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def copy_licence(model_dir: Path, out_dir: Path) -> None:
-    """A merged model is a derivative of the base model: it carries the base model's licence."""
+def copy_licence(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    title: str = "LoRA (merged)",
+    summary: str = "with a LoRA adapter trained by SLM Studio merged into its weights (fp32)",
+) -> None:
+    """A merged model is a derivative of the base model: it carries the base model's licence.
+    `title` and `summary` say in the model card what was done to it."""
     for item in sorted(model_dir.iterdir()):
         if item.is_file() and LICENCE_NAMES.match(item.name):
             shutil.copy2(item, out_dir / item.name)
@@ -1126,6 +1633,5 @@ def copy_licence(model_dir: Path, out_dir: Path) -> None:
         match = re.match(r"^---\s*\n.*?\n---\s*\n", card.read_text(errors="replace"), re.DOTALL)
         front = match.group(0) + "\n" if match else ""
     (out_dir / "README.md").write_text(
-        f"{front}# {model_dir.name} + LoRA (merged)\n\n"
-        f"`{model_dir.name}` with a LoRA adapter trained by SLM Studio merged into its weights (fp32).\n"
+        f"{front}# {model_dir.name} + {title}\n\n`{model_dir.name}` {summary}.\n"
     )
