@@ -272,7 +272,9 @@ def _assert_round_trip(install: Install, worker: Worker, result: subprocess.Comp
 def test_round_trip_through_redis(install: Install, redis_server: Any, tmp_path: Path) -> None:
     install.env["CELERY_BROKER_URL"] = f"redis://{redis_server.host}:{redis_server.port}/0"
     slug = install.prepare(_two_documents(tmp_path / "src"))
-    worker = install.start_worker()
+    # A slow start on a loaded machine must not make the stored documents look abandoned (the
+    # start-up sweep would parse them before the build does): stale only after an hour.
+    worker = install.start_worker(BUILD_STALE_SECONDS="3600")
 
     result = install.manage(
         "build", slug, "--recipe", "check", "--wait", "--timeout", "120", timeout=150, check=False
@@ -288,7 +290,7 @@ def test_round_trip_through_redis(install: Install, redis_server: Any, tmp_path:
 def test_round_trip_through_embedded_broker(install: Install, tmp_path: Path) -> None:
     assert "CELERY_BROKER_URL" not in install.env
     slug = install.prepare(_two_documents(tmp_path / "src"))
-    worker = install.start_worker()
+    worker = install.start_worker(BUILD_STALE_SECONDS="3600")  # as above
 
     result = install.manage(
         "build", slug, "--recipe", "check", "--wait", "--timeout", "120", timeout=150, check=False
