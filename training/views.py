@@ -25,6 +25,7 @@ def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     context = project_context(request, project, "builds") | {
         "quantize_types": QUANTIZE_TYPES.items(),
         "base_models": registry.base_models_list(),
+        "teachers": list(project.teachers.all()),
         "builds": project.builds.select_related("created_by", "base")[:100],
     }
     return render(request, "training/builds.html", context)
@@ -42,7 +43,7 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         prune = request.POST.get("prune", "")
         items = (
             (["rag"] if request.POST.get("rag") else [])
-            + ([tune] if tune in ("lora", "raft") else [])
+            + ([tune] if tune in ("lora", "raft", "distill") else [])
             + (["prune"] + (["heal"] if request.POST.get("heal") else []) if prune else [])
             + [f"quantize:{t}" for t in types]
             + (["imatrix"] if types and request.POST.get("imatrix") else [])
@@ -52,6 +53,8 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     # field only counts for the method it belongs to.
     prune = request.POST.get("prune", "")
     relevant = {"prune.target"} if prune == "structured" else {"prune.sparsity"} if prune == "wanda" else set()
+    if request.POST.get("tune") == "distill":
+        relevant |= {"distill.teacher", "distill.mode"}
     settings = [
         f"{k}={v}"
         for k, v in request.POST.items()

@@ -256,3 +256,18 @@ def test_runs_a_lost_worker_left_are_recovered(documents, owner):  # type: ignor
     lost_worker.refresh_from_db()
     assert lost_message.status == GenerationRun.Status.SUCCEEDED and lost_message.added >= 1  # sent again
     assert lost_worker.status == GenerationRun.Status.FAILED and "Run again" in lost_worker.error
+
+
+@pytest.mark.django_db
+def test_the_build_form_offers_distillation_once_there_is_a_teacher(project, owner_client, tmp_path):  # type: ignore[no-untyped-def]
+    url = reverse("training-builds", args=[project.slug])
+    assert "add a teacher" in owner_client.get(url).content.decode()
+    teacher = teacher_add(project=project, name="Bigger", user=None, endpoint="http://127.0.0.1:9/v1", model="m")
+    assert "Learn from a larger teacher model" in owner_client.get(url).content.decode()
+    owner_client.post(
+        reverse("training-build-new", args=[project.slug]),
+        {"tune": "distill", "distill.teacher": str(teacher.pk), "distill.mode": "sequence", "prune.target": "0.5"},
+    )
+    build = project.builds.get()
+    assert build.recipe == "distill"
+    assert build.steps.get(name="distill").params == {"teacher": str(teacher.pk), "mode": "sequence"}
