@@ -47,7 +47,7 @@ def test_check_makes_no_model_and_stands_alone() -> None:
 
 @pytest.mark.parametrize(
     ("recipe", "message"),
-    [("", "empty"), ("quantize:q3_k", "Unknown quantization type"), ("distill", "Unknown recipe item")],
+    [("", "empty"), ("quantize:q3_k", "Unknown quantization type"), ("sparsify", "Unknown recipe item")],
 )
 def test_bad_recipes_say_what_is_wrong(recipe: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
@@ -83,5 +83,5 @@ def test_fine_tuning_trains_on_the_base_then_converts_what_it_made() -> None:
         "convert:f16",
         "evaluate",
     ]
-    with pytest.raises(RecipeError, match="Choose lora or raft"):
+    with pytest.raises(RecipeError, match="Choose one of lora, raft or distill"):
         recipe_plan("lora,raft")
