@@ -1,0 +1,183 @@
+"""The wizard's server side: what the project and this machine already tell (so the team is not
+asked), the recommendation (`ml/advisor.py`), and estimates for a recipe on this project and this
+machine, taken from what earlier builds here measured.
+
+Estimates are marked as such. Where this installation has measured nothing yet for a step, the
+estimate falls back to the reference numbers measured on the 2-core development machine
+(bench/results, FACTS.md) and says so (`basis: "reference"`), never a silent constant.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import asdict
+from typing import Any
+
+from projects.models import Document, InstructionPair, Project
+
+from .ml.advisor import Situation, recommend
+from .models import BuildStep
+from .recipes import RecipeError, recipe_plan
+from .registry import base_model_default
+
+# Reference throughputs (2 cores, bench/results of this repository), used only until this
+# installation has measured its own.
+REFERENCE = {
+    "rag_chunks_per_second": 10.0,  # bench/results/retrieval_debian_faq.txt (ingestion)
+    "train_tokens_per_second": 139.0,  # bench/results/lora_throughput.txt ("ours")
+    "convert_seconds": 10.0,
+    "quantize_seconds": 15.0,
+    "prune_seconds": 60.0,
+    "evaluate_seconds": 120.0,
+}
+# Bits per weight of each type on the bundled model, measured (bench/results/quantization.txt).
+REFERENCE_BITS = {"q8_0": 8.5, "q6_k": 7.0, "q5_k_m": 6.0, "q5_0": 5.5, "q4_k_m": 6.17, "q4_0": 4.5, "q4_1": 5.0}
+# Perplexity change against the unquantized model, measured on the bundled model.
+REFERENCE_QUALITY = {"q8_0": 0.0055, "q4_k_m": 0.0555, "q4_0": 0.08, "q5_k_m": 0.02, "q6_k": 0.01}
+TRAINING_STEPS = ("lora", "raft", "distill", "heal")
+
+
+def machine() -> dict[str, Any]:
+    """Cores, memory and GPU of the machine the worker runs on (this one)."""
+    memory = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    memory = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # a CPU-only torch, or none: no GPU either way
+        gpu = None
+    return {"cores": os.cpu_count() or 1, "memory_bytes": memory, "gpu": gpu}
+
+
+def project_situation(project: Project, answers: dict[str, Any]) -> Situation:
+    """The team's answers, completed with what the project holds (counts are read, not asked)."""
+    known = {f for f in Situation.__dataclass_fields__}
+    unknown = sorted(set(answers) - known - {"documents", "pairs", "teachers"})
+    if unknown:
+        raise ValueError(f"Unknown answer “{unknown[0]}”; known: {', '.join(sorted(known))}.")
+    read = {
+        "documents": project.documents.filter(status=Document.Status.PARSED).count(),
+        "pairs": project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).count(),
+        "teachers": project.teachers.count(),
+    }
+    if "target" not in answers and machine()["gpu"]:
+        read["target"] = "gpu"
+    return Situation(**(read | {k: v for k, v in answers.items() if k in known - set(read)}))
+
+
+def _measured(name: str, key: str) -> list[float]:
+    values = []
+    for metrics in BuildStep.objects.filter(name=name, status=BuildStep.Status.SUCCEEDED).values_list(
+        "metrics", flat=True
+    )[:50]:
+        value = metrics.get(key) if isinstance(metrics, dict) else None
+        if isinstance(value, int | float) and value > 0:
+            values.append(float(value))
+    return values
+
+
+def _durations(name: str) -> list[float]:
+    rows = BuildStep.objects.filter(
+        name=name, status=BuildStep.Status.SUCCEEDED, started_at__isnull=False, ended_at__isnull=False
+    ).values_list("started_at", "ended_at")[:50]
+    return [(end - start).total_seconds() for start, end in rows]
+
+
+def _rate(values: list[float], reference: float) -> tuple[float, str]:
+    return (statistics.median(values), "measured") if values else (reference, "reference")
+
+
+def estimate(project: Project, recipe: str) -> dict[str, Any]:
+    """Build time per step, file size, memory to run it and the expected quality change."""
+    plan = recipe_plan(recipe)
+    default = base_model_default()
+    parameters = int(default.info.get("parameters") or 134_515_008)
+    chars = sum(project.documents.filter(status=Document.Status.PARSED).values_list("char_count", flat=True))
+    pairs = list(project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).values_list("instruction", "response"))
+    steps: list[dict[str, Any]] = []
+    bases: set[str] = set()
+
+    def add(step: str, seconds: float, basis: str) -> None:
+        steps.append({"step": step, "seconds": round(seconds, 1), "basis": basis})
+        bases.add(basis)
+
+    if plan.rag:
+        rate, basis = _rate(_measured("rag", "chunks_per_second"), REFERENCE["rag_chunks_per_second"])
+        add("rag", max(1, chars / 800) / rate, basis)
+    if plan.tune:
+        from .ml.lora import default_settings
+
+        tokens = sum(len(q) + len(a) for q, a in pairs) // 4 + 120 * len(pairs)  # + the serving prompt
+        if plan.tune == "raft":
+            tokens *= 6  # passages in every example (measured ~6x longer on the Debian FAQ)
+        rate, basis = _rate(
+            [v for s in TRAINING_STEPS for v in _measured(s, "tokens_per_second")],
+            REFERENCE["train_tokens_per_second"],
+        )
+        epochs = default_settings(train_examples=max(1, len(pairs)), train_tokens=max(1, tokens)).epochs
+        if plan.tune:
+            add(plan.tune, tokens * epochs / rate, basis)
+    if plan.prune:
+        add("prune", *_rate(_durations("prune"), REFERENCE["prune_seconds"]))
+    if plan.heal:
+        rate, basis = _rate(
+            [v for s in TRAINING_STEPS for v in _measured(s, "tokens_per_second")],
+            REFERENCE["train_tokens_per_second"],
+        )
+        add("heal", 256 * 256 * 2 / rate, basis)  # a capped healing run: up to 256 windows, two passes
+    if plan.tune or plan.prune or plan.quantize:
+        add("convert", *_rate(_durations("convert"), REFERENCE["convert_seconds"]))
+    for qtype in plan.quantize:
+        add(f"quantize:{qtype}", *_rate(_durations("quantize"), REFERENCE["quantize_seconds"]))
+    evaluations = max(1, len(plan.quantize)) + (1 if plan.tune or plan.prune else 0)
+    per_eval, basis = _rate(_durations("evaluate"), REFERENCE["evaluate_seconds"])
+    add("evaluate", per_eval * evaluations / (2 if _durations("evaluate") else 1), basis)
+
+    kept = 0.75 if plan.prune else 1.0  # structured pruning's default target
+    qtype = plan.quantize[-1] if plan.quantize else ("f16" if plan.tune or plan.prune else "q4_1")
+    bits_measured = [
+        m.get("bits_per_weight")
+        for m in BuildStep.objects.filter(name="quantize", params__type=qtype, status="succeeded").values_list("metrics", flat=True)
+        if isinstance(m, dict) and m.get("bits_per_weight")
+    ]  # fmt: skip
+    bits = statistics.median(bits_measured) if bits_measured else REFERENCE_BITS.get(qtype, 16.0)
+    size = parameters * kept * bits / 8
+    quality = REFERENCE_QUALITY.get(qtype, 0.0) if plan.quantize else 0.0
+    return {
+        "seconds": round(sum(s["seconds"] for s in steps)),
+        "steps": steps,
+        "basis": "measured" if bases == {"measured"} else "reference" if bases == {"reference"} else "mixed",
+        "size_bytes": int(size),
+        "memory_bytes": int(size + 80e6),  # the context and runtime beside the weights (~80 MB measured)
+        "perplexity_change": round(quality, 4),
+        "is_estimate": True,
+    }
+
+
+def recommend_for(project: Project, answers: dict[str, Any]) -> dict[str, Any]:
+    """The `recommend` command's JSON: recipe, why, estimates, alternatives."""
+    situation = project_situation(project, answers)
+    rec = recommend(situation)
+    try:
+        estimates = estimate(project, rec.recipe_string)
+    except RecipeError as exc:  # never expected: every recommendation is a valid recipe
+        estimates = {"error": str(exc)}
+    return {
+        "recipe": rec.recipe,
+        "why": rec.why,
+        "scenario": rec.scenario,
+        "estimates": estimates,
+        "alternatives": rec.alternatives,
+        "situation": asdict(situation),
+        "machine": machine(),
+    }
