@@ -98,6 +98,9 @@ class Build(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    # What the wizard estimated when it started this build (training.wizard.estimate), shown next
+    # to what was measured once it ends.
+    estimates = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -330,3 +333,11 @@ class GenerationRun(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL
+
+
+class WizardState(models.Model):
+    """A project's answers to the approach wizard, kept so it can be left and resumed."""
+
+    project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="wizard")
+    answers = models.JSONField(default=dict, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)

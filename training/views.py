@@ -66,6 +66,17 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         if base is None:
             messages.error(request, "That base model is no longer registered; pick another.")
             return redirect("training-builds", slug=project.slug)
+    estimates: dict = {}
+    if request.POST.get("from_wizard"):
+        # Computed here before the build starts, not taken from the form: the build page later
+        # sets them against what was measured.
+        from .recipes import RecipeError
+        from .wizard import estimate
+
+        try:
+            estimates = estimate(project, recipe)
+        except RecipeError:
+            estimates = {}
     try:
         build = services.build_start(
             project=project,
@@ -77,6 +88,8 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
         return redirect("training-builds", slug=project.slug)
+    if estimates:
+        Build.objects.filter(pk=build.pk).update(estimates=estimates)
     return redirect(build)
 
 

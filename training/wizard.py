@@ -181,3 +181,65 @@ def recommend_for(project: Project, answers: dict[str, Any]) -> dict[str, Any]:
         "situation": asdict(situation),
         "machine": machine(),
     }
+
+
+# --- The questions, one per screen ---------------------------------------------------------
+
+QUESTIONS: list[dict[str, Any]] = [
+    {
+        "key": "has_finetuned_model",
+        "question": "Do you already have a model trained for your domain?",
+        "why": "If so, there is no need to train again: we only make it smaller and faster.",
+        "choices": [(False, "No, start from the bundled small model"), (True, "Yes, it is registered as a base model")],
+    },
+    {
+        "key": "target",
+        "question": "Where will the model run?",
+        "why": "A laptop or CPU server wants a compressed model; a GPU server has room for more; an edge "
+        "device has a hard memory limit.",
+        "choices": [("cpu", "A laptop or a CPU server"), ("gpu", "A server with a GPU"), ("edge", "An edge device with little memory")],
+    },
+    {
+        "key": "teacher_allowed",
+        "question": "May a larger model help teach yours?",
+        "why": "A stronger model (yours, or an API you are allowed to use) can write answers your small model "
+        "learns from. Say no if your data must not leave your servers.",
+        "choices": [(True, "Yes"), (False, "No, keep everything on our servers")],
+    },
+    {
+        "key": "priority",
+        "question": "What matters most?",
+        "why": "Every approach trades something: this decides what we give up first.",
+        "choices": [
+            ("accuracy", "Accurate answers"), ("speed", "Fast answers"), ("size", "A small file"),
+            ("budget", "Low cost and effort"), ("privacy", "Privacy"),
+        ],
+    },
+    {
+        "key": "hours",
+        "question": "How long can the build take?",
+        "why": "Training makes better models but takes longer on a CPU server.",
+        "choices": [(0.25, "Minutes"), (1.0, "About an hour"), (4.0, "A few hours"), (24.0, "A day is fine")],
+    },
+]
+
+
+def question_defaults(project: Project) -> dict[str, Any]:
+    """Pre-selected answers from what the project and machine hold."""
+    return {
+        # A registered model is not necessarily a fine-tuned one: the team says so.
+        "has_finetuned_model": False,
+        "target": "gpu" if machine()["gpu"] else "cpu",
+        "teacher_allowed": True,
+        "priority": "accuracy",
+        "hours": 1.0,
+    }
+
+
+def parse_answer(key: str, raw: str) -> Any:
+    """A posted choice back to its typed value; ValueError for anything not offered."""
+    question = next(q for q in QUESTIONS if q["key"] == key)
+    for value, _label in question["choices"]:
+        if str(value) == raw:
+            return value
+    raise ValueError(f"“{raw}” is not one of the choices.")

@@ -100,3 +100,30 @@ def test_recommend_command_prints_the_contract(project, tmp_path):  # type: igno
     with pytest.raises(SystemExit):
         call_command("recommend", project.slug, "--answers", str(answers), stdout=out)
     assert "priority is one of" in json.loads(out.getvalue())["error"]
+
+
+@pytest.mark.django_db
+def test_the_wizard_asks_one_question_at_a_time_and_resumes(project, owner_client, django_capture_on_commit_callbacks):  # type: ignore[no-untyped-def]
+    from django.urls import reverse
+
+    from training.models import WizardState
+
+    url = reverse("training-wizard", args=[project.slug])
+    page = owner_client.get(url).content.decode()
+    assert "Question 1 of 5" in page and "Do you already have a model" in page
+    owner_client.post(url, {"key": "has_finetuned_model", "answer": "False"})
+    owner_client.post(url, {"key": "target", "answer": "edge"})
+    # Left and come back: the next unanswered question, the earlier answers kept.
+    assert "Question 3 of 5" in owner_client.get(url).content.decode()
+    owner_client.post(url, {"key": "target", "answer": "phone"})  # not a choice: ignored
+    assert WizardState.objects.get(project=project).answers["target"] == "edge"
+    for key, answer in (("teacher_allowed", "True"), ("priority", "budget"), ("hours", "0.25")):
+        owner_client.post(url, {"key": key, "answer": answer})
+    result = owner_client.get(url).content.decode()
+    assert "Our recommendation" in result and "Fastest path to production" in result and "Build model" in result
+    with django_capture_on_commit_callbacks(execute=False):
+        owner_client.post(reverse("training-build-new", args=[project.slug]), {"recipe": "quantize:q4_k_m", "from_wizard": "1"})
+    build = project.builds.get()
+    assert build.estimates["is_estimate"] and build.estimates["size_bytes"] > 0
+    detail = owner_client.get(build.get_absolute_url()).content.decode()
+    assert "Estimated" not in detail  # shown once a version exists, next to what it measured
