@@ -36,6 +36,9 @@ REFERENCE_BITS = {"q8_0": 8.5, "q6_k": 7.0, "q5_k_m": 6.0, "q5_0": 5.5, "q4_k_m"
 # Perplexity change against the unquantized model, measured on the bundled model.
 REFERENCE_QUALITY = {"q8_0": 0.0055, "q4_k_m": 0.0555, "q4_0": 0.08, "q5_k_m": 0.02, "q6_k": 0.01}
 TRAINING_STEPS = ("lora", "raft", "distill", "heal")
+# Perplexity change of structured pruning to 75% with healing on the bundled model, until builds
+# here have measured their own (bench/results/pruning.txt).
+REFERENCE_PRUNE_COST = 0.30
 
 
 def machine() -> dict[str, Any]:
@@ -97,6 +100,23 @@ def _rate(values: list[float], reference: float) -> tuple[float, str]:
     return (statistics.median(values), "measured") if values else (reference, "reference")
 
 
+def _pruning_cost() -> float:
+    """Relative perplexity change pruning caused in builds measured here (pruned against the model
+    before pruning), else the reference: structured pruning to 75% with healing, on the bundled
+    model (bench/results/pruning.txt)."""
+    changes = []
+    for metrics in BuildStep.objects.filter(name="evaluate", status=BuildStep.Status.SUCCEEDED).values_list(
+        "metrics", flat=True
+    )[:50]:
+        baseline = (metrics or {}).get("baseline") or {}
+        if baseline.get("kind") != "unpruned" or not baseline.get("perplexity"):
+            continue
+        for measured in (metrics.get("models") or {}).values():
+            if measured.get("perplexity"):
+                changes.append(measured["perplexity"] / baseline["perplexity"] - 1)
+    return statistics.median(changes) if changes else REFERENCE_PRUNE_COST
+
+
 def estimate(project: Project, recipe: str) -> dict[str, Any]:
     """Build time per step, file size, memory to run it and the expected quality change."""
     plan = recipe_plan(recipe)
@@ -130,11 +150,18 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
     if plan.prune:
         add("prune", *_rate(_durations("prune"), REFERENCE["prune_seconds"]))
     if plan.heal:
+        from .ml.lora import default_settings
+        from .pruning import HEAL_MAX_WINDOWS, HEAL_WINDOW_CHARS
+
+        # Healing reads the pairs and up to HEAL_MAX_WINDOWS windows of document text (~4 chars a token).
+        windows = min(HEAL_MAX_WINDOWS, chars // HEAL_WINDOW_CHARS + 1)
+        tokens = windows * HEAL_WINDOW_CHARS // 4 + sum(len(q) + len(a) for q, a in pairs) // 4 + 120 * len(pairs)
         rate, basis = _rate(
             [v for s in TRAINING_STEPS for v in _measured(s, "tokens_per_second")],
             REFERENCE["train_tokens_per_second"],
         )
-        add("heal", 256 * 256 * 2 / rate, basis)  # a capped healing run: up to 256 windows, two passes
+        epochs = default_settings(train_examples=max(1, windows + len(pairs)), train_tokens=max(1, tokens)).epochs
+        add("heal", tokens * epochs / rate, basis)
     if plan.tune or plan.prune or plan.quantize:
         add("convert", *_rate(_durations("convert"), REFERENCE["convert_seconds"]))
     for qtype in plan.quantize:
@@ -153,6 +180,8 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
     bits = statistics.median(bits_measured) if bits_measured else REFERENCE_BITS.get(qtype, 16.0)
     size = parameters * kept * bits / 8
     quality = REFERENCE_QUALITY.get(qtype, 0.0) if plan.quantize else 0.0
+    if plan.prune:
+        quality += _pruning_cost()
     return {
         "seconds": round(sum(s["seconds"] for s in steps)),
         "steps": steps,
