@@ -53,6 +53,9 @@ def build_start(
                 f"{base.name} is a GGUF file without its original weights: it can answer from documents, "
                 "but not be quantized, fine-tuned or pruned. Register its safetensors folder for that."
             )
+        problems = recipe_problems(project, plan)
+        if problems:
+            raise ValidationError(" ".join(problems))
         recipe, steps = plan.recipe, plan.steps
     step_list = [s | {"params": s.get("params", {}) | (params or {}).get(s["name"], {})} for s in steps]
     unknown = [s["name"] for s in step_list if s["name"] not in STEP_RUNNERS]
@@ -67,6 +70,26 @@ def build_start(
 
     run_build_task.delay_on_commit(build.pk)
     return build
+
+
+def recipe_problems(project: Project, plan) -> list[str]:  # type: ignore[no-untyped-def]
+    """What the project lacks for a recipe, as sentences a non-ML user can act on (before any
+    build starts, rather than a failed step minutes later)."""
+    from projects.models import Document, InstructionPair
+
+    documents = project.documents.exclude(status=Document.Status.FAILED).exists()
+    pairs = project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).exists()
+    problems = []
+    if (plan.rag or plan.prune) and not documents and plan.tune != "raft":
+        what = "answer from documents" if plan.rag else "prune (pruning measures what your documents need)"
+        problems.append(f"To {what}, upload documents first.")
+    if plan.tune == "raft" and not (documents and pairs):
+        problems.append("RAFT trains on your instruction pairs together with passages of your documents: it needs both.")
+    if plan.tune == "lora" and not pairs:
+        problems.append("Fine-tuning learns from instruction pairs: import some on the Instruction pairs tab first.")
+    if plan.tune == "distill" and not project.teachers.exists():
+        problems.append("Distillation needs a teacher model: add one on the Teachers tab first.")
+    return problems
 
 
 # Which steps a "--set PREFIX.KEY=VALUE" reaches, and under which parameter. LoRA settings apply

@@ -127,3 +127,22 @@ def test_the_wizard_asks_one_question_at_a_time_and_resumes(project, owner_clien
     assert build.estimates["is_estimate"] and build.estimates["size_bytes"] > 0
     detail = owner_client.get(build.get_absolute_url()).content.decode()
     assert "Estimated" not in detail  # shown once a version exists, next to what it measured
+
+
+@pytest.mark.django_db
+def test_recipes_are_checked_against_the_project_in_plain_words(project, owner):  # type: ignore[no-untyped-def]
+    from django.core.exceptions import ValidationError
+
+    from training.services import build_start
+
+    for recipe, message in [
+        ("rag", "upload documents first"),
+        ("lora", "import some on the Instruction pairs tab"),
+        ("rag,raft", "it needs both"),
+        ("distill", "add one on the Teachers tab"),
+        ("prune", "pruning measures what your documents need"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            build_start(project=project, user=owner, recipe=recipe)
+    assert not project.builds.exists()
+    build_start(project=project, user=owner, recipe="quantize:q8_0")  # needs nothing from the project
