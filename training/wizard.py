@@ -69,7 +69,7 @@ def project_situation(project: Project, answers: dict[str, Any]) -> Situation:
     if unknown:
         raise ValueError(f"Unknown answer “{unknown[0]}”; known: {', '.join(sorted(known))}.")
     read = {
-        "documents": project.documents.filter(status=Document.Status.PARSED).count(),
+        "documents": project.documents.exclude(status=Document.Status.FAILED).count(),  # pending ones are read by the build
         "pairs": project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).count(),
         "teachers": project.teachers.count(),
     }
