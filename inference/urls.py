@@ -6,6 +6,7 @@ from . import views
 
 urlpatterns = [
     path("", views.models, name="inference-models"),
+    path("report/", views.report, name="inference-report"),
     path("<int:number>/", views.chat, name="inference-chat"),
     path("<int:number>/about/", views.model_detail, name="inference-model-detail"),
     path("<int:number>/download/gguf/", views.download_gguf, name="inference-download-gguf"),

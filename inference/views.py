@@ -49,6 +49,34 @@ def models(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_GET
+def report(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    """Every version's size, speed, quality and lineage on one printable page; `?download=1`
+    gives it as a self-contained HTML file (styles inlined) to share or archive."""
+    from django.contrib.staticfiles import finders
+    from django.utils import timezone
+
+    project = project_or_404(request, slug)
+    rows = comparison.comparison_rows(list(services.project_versions(project=project)))
+    download = request.GET.get("download") == "1"
+    css = ""
+    if download:
+        path = finders.find("css/app.css")
+        css = open(path, encoding="utf-8").read() if path else ""
+    context = project_context(request, project, "models") | {
+        "rows": rows,
+        "chart": comparison.size_quality_chart(rows),
+        "now": timezone.now(),
+        "inline_css": css,
+        "download": download,
+    }
+    response = render(request, "inference/report.html", context)
+    if download:
+        response["Content-Disposition"] = f'attachment; filename="{project.slug}-report.html"'
+    return response
+
+
+@login_required
+@require_GET
 def model_detail(request: AuthenticatedRequest, slug: str, number: int) -> HttpResponse:
     project, version = _version_for_user(request, slug, number)
     context = project_context(request, project, "models") | {

@@ -63,3 +63,21 @@ def test_versions_measured_on_other_text_are_flagged_and_left_off_the_chart(proj
     assert [r.other_text for r in rows] == [False, True]
     chart = size_quality_chart(rows)
     assert chart is not None and [p.label for p in chart.points] == ["v2 Q4_0"]
+
+
+def test_the_report_shows_each_version_with_its_lineage_and_downloads_as_one_file(project, owner_client) -> None:  # type: ignore[no-untyped-def]
+    from django.urls import reverse
+
+    version = _version(project, 1, "q4_k_m", 80_000_000, 12.5)
+    version.metrics = version.metrics | {"lora": {"steps": 3}, "prune": {"method": "wanda", "sparsity": 0.5},
+                                         "quantize": {"type": "q4_k_m"}}  # fmt: skip
+    version.save()
+    url = reverse("inference-report", args=[project.slug])
+    page = owner_client.get(url).content.decode()
+    assert version.name in page and "80.0 MB" in page and "12.50" in page
+    for step in ("LoRA", "50% zeroed (wanda)", "quantized Q4_K_M"):
+        assert f"<span>{step}</span>" in page
+    download = owner_client.get(url + "?download=1")
+    assert download["Content-Disposition"].startswith("attachment;")
+    body = download.content.decode()
+    assert "<style>" in body and 'rel="stylesheet"' not in body  # self-contained
