@@ -317,10 +317,9 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
     width, height, left, right, top, bottom = 820, 470, 70, 190, 50, 60
     plot_w, plot_h = width - left - right, height - top - bottom
     ppls = [r["perplexity"] for r in rows if math.isfinite(r["perplexity"])]
-    lo = 10 ** math.floor(math.log10(min(ppls)))
-    hi = 10 ** math.ceil(math.log10(max(ppls)))
-    if hi / lo < 10:
-        hi = lo * 10
+    steps = [m * 10**e for e in range(-1, 7) for m in (1, 2, 5)]  # the 1-2-5 gridlines
+    lo = max(v for v in steps if v <= min(ppls))
+    hi = min(v for v in steps if v >= max(ppls) * 1.15)  # room for the top label
     x_max = max(0.6, max(r.get("removed_share", 0.0) for r in rows) + 0.05)
 
     def x(v: float) -> float:
@@ -336,17 +335,14 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
         f'<text x="{left}" y="22" font-size="14">Pruning SmolLM2-135M-Instruct: perplexity on held-out '
         f"Debian FAQ text ({eval_tokens} tokens, ctx {N_CTX})</text>",
     ]
-    decade = lo
-    while decade <= hi * 1.0001:
-        for mult in (1, 2, 5):
-            v = decade * mult
-            if lo <= v <= hi * 1.0001:
-                out.append(
-                    f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
-                    f'stroke="{"#ccc" if mult == 1 else "#eee"}"/>'
-                )
-                out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
-        decade *= 10
+    for v in steps:
+        if lo <= v <= hi:
+            decade = math.isclose(math.log10(v), round(math.log10(v)))
+            out.append(
+                f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+                f'stroke="{"#ccc" if decade else "#eee"}"/>'
+            )
+            out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
     tick = 0.0
     while tick <= x_max + 1e-9:
         out.append(
@@ -368,13 +364,20 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
             f'<line x1="{left}" x2="{left + plot_w}" y1="{y(dense["perplexity"]):.1f}" '
             f'y2="{y(dense["perplexity"]):.1f}" stroke="#555" stroke-dasharray="4 4"/>'
         )
+    # (legend, variants in order, colour, marker, where the value label goes: dx, dy, anchor)
     series = [
-        ("magnitude", ["dense", "magnitude_30", "magnitude_50"], "#c0392b", "circle"),
-        ("Wanda", ["dense", "wanda_30", "wanda_50"], "#2e86c1", "circle"),
-        ("structured", ["dense", "structured_90", "structured_75"], "#7d3c98", "square"),
-        ("structured + heal", ["dense", "structured_90_healed", "structured_75_healed"], "#27ae60", "square"),
-        ("magnitude 2:4", ["magnitude_2_4"], "#c0392b", "diamond"),
-        ("Wanda 2:4", ["wanda_2_4"], "#2e86c1", "diamond"),
+        ("magnitude", ["dense", "magnitude_30", "magnitude_50"], "#c0392b", "circle", (-8, -6, "end")),
+        ("Wanda", ["dense", "wanda_30", "wanda_50"], "#2e86c1", "circle", (8, 14, "start")),
+        ("structured", ["dense", "structured_90", "structured_75"], "#7d3c98", "square", (-8, -6, "end")),
+        (
+            "structured + heal",
+            ["dense", "structured_90_healed", "structured_75_healed"],
+            "#27ae60",
+            "square",
+            (8, 14, "start"),
+        ),
+        ("magnitude 2:4", ["magnitude_2_4"], "#c0392b", "diamond", (10, 4, "start")),
+        ("Wanda 2:4", ["wanda_2_4"], "#2e86c1", "diamond", (10, 4, "start")),
     ]
 
     def marker(shape: str, cx: float, cy: float, color: str) -> str:
@@ -388,7 +391,7 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
         return f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}"/>'
 
     legend_y = top + 10
-    for label, names, color, shape in series:
+    for label, names, color, shape, (dx, dy, anchor) in series:
         points = [(by[n].get("removed_share", 0.0), by[n]["perplexity"], n) for n in names if n in by]
         if not points or all(n == "dense" for _, _, n in points):
             continue
@@ -401,7 +404,8 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
                 continue
             out.append(marker(shape, x(px), y(py), color))
             out.append(
-                f'<text x="{x(px) + 8:.1f}" y="{y(py) - 6:.1f}" font-size="10" fill="{color}">{py:.1f}</text>'
+                f'<text x="{x(px) + dx:.1f}" y="{y(py) + dy:.1f}" text-anchor="{anchor}" font-size="10" '
+                f'fill="{color}">{py:.1f}</text>'
             )
         lx = left + plot_w + 15
         out.append(
@@ -419,12 +423,15 @@ def svg_chart(rows: list[dict[str, Any]], eval_tokens: int) -> str:
         )
         out.append(f'<text x="{lx + 28}" y="{legend_y + 4}">dense {dense["perplexity"]:.2f}</text>')
         legend_y += 20
-    notes = [
-        "x: 1 - non-zero after / before.",
-        "Unstructured 50% of each",
-        "decoder matrix is ~40% of",
-        "the model (embeddings stay).",
-    ]
+    notes = ["x: 1 - non-zero after / before"]
+    half = by.get("wanda_50") or by.get("magnitude_50") or by.get("wanda_2_4")
+    if half and "removed_share" in half:
+        notes += [
+            "50% of each decoder matrix",
+            f"is {half['removed_share']:.0%} of the model's weights:",
+            "the embedding is not pruned.",
+        ]
+    notes += ["Healed = same structure + LoRA", "(same x as unhealed)."]
     for i, note in enumerate(notes):
         out.append(
             f'<text x="{left + plot_w + 15}" y="{legend_y + 14 + 14 * i}" font-size="10" fill="#555">{note}</text>'
@@ -924,7 +931,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results")
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the chart from the .json already in --out"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads((args.out / f"{RESULT_NAME}.json").read_text())
+        (args.out / f"{RESULT_NAME}.svg").write_text(
+            svg_chart(saved["rows"], saved["rows"][0]["eval_tokens"])
+        )
+        print(f"wrote {args.out / RESULT_NAME}.svg")
+        return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:

@@ -313,7 +313,8 @@ def _layer_inputs(model: Any, windows: list[list[int]], batch: int) -> list[tupl
         for start in range(0, len(windows), batch):
             ids = torch.tensor(windows[start : start + batch], dtype=torch.long)
             try:
-                model(input_ids=ids, use_cache=False)
+                with torch.no_grad():  # captured inputs need no autograd graph
+                    model(input_ids=ids, use_cache=False)
             except _Caught:
                 pass
     finally:
