@@ -341,3 +341,21 @@ class WizardState(models.Model):
     project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="wizard")
     answers = models.JSONField(default=dict, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+
+class SavedRecipe(models.Model):
+    """A recipe a project keeps: its items and step settings, buildable in one click and
+    exportable as YAML (training.recipe_files)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="recipes")
+    name = models.CharField(max_length=200)
+    recipe = models.CharField(max_length=300)  # "rag,lora,quantize:q4_k_m"
+    settings = models.JSONField(default=list, blank=True)  # ["lora.epochs=1", ...]
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="recipe_unique_name")]
+
+    def __str__(self) -> str:
+        return self.name

@@ -26,9 +26,19 @@ def builds(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         "quantize_types": QUANTIZE_TYPES.items(),
         "base_models": registry.base_models_list(),
         "teachers": list(project.teachers.all()),
+        "saved_recipes": list(project.recipes.all()),
+        "scenarios": _scenario_yaml(),
         "builds": project.builds.select_related("created_by", "base")[:100],
     }
     return render(request, "training/builds.html", context)
+
+
+def _scenario_yaml() -> list[dict]:
+    """The seed article's three scenarios as built-in recipes, shown as YAML to start from."""
+    from .ml.advisor import SCENARIOS
+    from .recipe_files import recipe_to_yaml
+
+    return [s | {"yaml": recipe_to_yaml(s["label"], s["recipe"], [])} for s in SCENARIOS.values()]
 
 
 @login_required
@@ -187,3 +197,68 @@ def base_model_remove(request: AuthenticatedRequest, base: str) -> HttpResponse:
         return redirect(model)
     messages.success(request, f"{model.name} is no longer registered.")
     return redirect("training-base-models")
+
+
+# --- Saved recipes ---------------------------------------------------------------------------
+
+
+@login_required
+@require_POST
+def recipe_save(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    """Save a recipe from YAML (pasted in the advanced view, or an uploaded file)."""
+    from .models import SavedRecipe
+    from .recipe_files import recipe_from_yaml
+    from .recipes import RecipeError
+
+    project = project_or_404(request, slug)
+    upload = request.FILES.get("file")
+    text = upload.read().decode("utf-8", "replace") if upload else request.POST.get("yaml", "")
+    try:
+        name, recipe, settings = recipe_from_yaml(text)
+        services.step_settings(settings)  # the same check `--set` gets
+    except (RecipeError, ValueError) as exc:
+        messages.error(request, str(exc))
+        return redirect("training-builds", slug=project.slug)
+    SavedRecipe.objects.update_or_create(project=project, name=name, defaults={"recipe": recipe, "settings": settings})
+    messages.success(request, f"Recipe “{name}” saved.")
+    return redirect("training-builds", slug=project.slug)
+
+
+@login_required
+@require_GET
+def recipe_export(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
+    from .models import SavedRecipe
+    from .recipe_files import recipe_to_yaml
+
+    project = project_or_404(request, slug)
+    saved = get_object_or_404(SavedRecipe, pk=pk, project=project)
+    response = HttpResponse(recipe_to_yaml(saved.name, saved.recipe, saved.settings), content_type="application/yaml; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{project.slug}-recipe-{saved.pk}.yaml"'
+    return response
+
+
+@login_required
+@require_POST
+def recipe_build(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
+    from .models import SavedRecipe
+
+    project = project_or_404(request, slug)
+    saved = get_object_or_404(SavedRecipe, pk=pk, project=project)
+    try:
+        build = services.build_start(
+            project=project, user=request.user, recipe=saved.recipe, params=services.step_settings(saved.settings)
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("training-builds", slug=project.slug)
+    return redirect(build)
+
+
+@login_required
+@require_POST
+def recipe_delete(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
+    from .models import SavedRecipe
+
+    project = project_or_404(request, slug)
+    get_object_or_404(SavedRecipe, pk=pk, project=project).delete()
+    return redirect("training-builds", slug=project.slug)

@@ -146,3 +146,41 @@ def test_recipes_are_checked_against_the_project_in_plain_words(project, owner):
             build_start(project=project, user=owner, recipe=recipe)
     assert not project.builds.exists()
     build_start(project=project, user=owner, recipe="quantize:q8_0")  # needs nothing from the project
+
+
+def test_recipes_round_trip_through_yaml_and_are_validated():
+    from training.recipe_files import recipe_from_yaml, recipe_to_yaml
+    from training.recipes import RecipeError
+
+    text = recipe_to_yaml("Max", "rag,lora,prune,quantize:q4_k_m", ["lora.epochs=1", "prune.method=structured"])
+    assert "quantize:\n    type: q4_k_m" in text and "epochs: '1'" in text
+    assert recipe_from_yaml(text) == ("Max", "rag,lora,prune,quantize:q4_k_m", ["lora.epochs=1", "prune.method=structured"])
+    for bad, message in [
+        ("steps: [quantize: {type: q4_k_m}, lora]", "Quantize comes after every training"),
+        ("steps: [rag, fly]", "Unknown recipe item"),
+        ("steps: [quantize: {}]", "names its type"),
+        ("name: x", "a list of steps"),
+        ("steps: [: :", "not valid YAML"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            recipe_from_yaml(bad)
+
+
+@pytest.mark.django_db
+def test_a_saved_recipe_builds_and_exports(project, owner_client, django_capture_on_commit_callbacks):  # type: ignore[no-untyped-def]
+    from django.urls import reverse
+
+    from training.models import SavedRecipe
+
+    yaml_text = "name: Quick\nsteps:\n  - quantize: {type: q8_0}\n"
+    owner_client.post(reverse("training-recipe-save", args=[project.slug]), {"yaml": yaml_text})
+    saved = SavedRecipe.objects.get(project=project)
+    assert saved.recipe == "quantize:q8_0"
+    page = owner_client.get(reverse("training-builds", args=[project.slug])).content.decode()
+    assert "Quick" in page and "Maximum compression" in page
+    assert "q8_0" in owner_client.get(reverse("training-recipe-export", args=[project.slug, saved.pk])).content.decode()
+    with django_capture_on_commit_callbacks(execute=False):
+        owner_client.post(reverse("training-recipe-build", args=[project.slug, saved.pk]))
+    assert project.builds.get().recipe == "quantize:q8_0"
+    bad = owner_client.post(reverse("training-recipe-save", args=[project.slug]), {"yaml": "steps: [fly]"}, follow=True)
+    assert "Unknown recipe item" in bad.content.decode()
