@@ -131,6 +131,11 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
         steps.append({"step": step, "seconds": round(seconds, 1), "basis": basis})
         bases.add(basis)
 
+    # Every training step runs the same loop: one measured rate serves them all.
+    train_rate = _rate(
+        [v for name in TRAINING_STEPS for v in _measured(name, "tokens_per_second")],
+        REFERENCE["train_tokens_per_second"],
+    )
     if plan.rag:
         rate, basis = _rate(_measured("rag", "chunks_per_second"), REFERENCE["rag_chunks_per_second"])
         add("rag", max(1, chars / 800) / rate, basis)
@@ -140,13 +145,9 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
         tokens = sum(len(q) + len(a) for q, a in pairs) // 4 + 120 * len(pairs)  # + the serving prompt
         if plan.tune == "raft":
             tokens *= 6  # passages in every example (measured ~6x longer on the Debian FAQ)
-        rate, basis = _rate(
-            [v for s in TRAINING_STEPS for v in _measured(s, "tokens_per_second")],
-            REFERENCE["train_tokens_per_second"],
-        )
+        rate, basis = train_rate
         epochs = default_settings(train_examples=max(1, len(pairs)), train_tokens=max(1, tokens)).epochs
-        if plan.tune:
-            add(plan.tune, tokens * epochs / rate, basis)
+        add(plan.tune, tokens * epochs / rate, basis)
     if plan.prune:
         add("prune", *_rate(_durations("prune"), REFERENCE["prune_seconds"]))
     if plan.heal:
@@ -156,10 +157,7 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
         # Healing reads the pairs and up to HEAL_MAX_WINDOWS windows of document text (~4 chars a token).
         windows = min(HEAL_MAX_WINDOWS, chars // HEAL_WINDOW_CHARS + 1)
         tokens = windows * HEAL_WINDOW_CHARS // 4 + sum(len(q) + len(a) for q, a in pairs) // 4 + 120 * len(pairs)
-        rate, basis = _rate(
-            [v for s in TRAINING_STEPS for v in _measured(s, "tokens_per_second")],
-            REFERENCE["train_tokens_per_second"],
-        )
+        rate, basis = train_rate
         epochs = default_settings(train_examples=max(1, windows + len(pairs)), train_tokens=max(1, tokens)).epochs
         add("heal", tokens * epochs / rate, basis)
     if plan.tune or plan.prune or plan.quantize:
