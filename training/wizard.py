@@ -199,6 +199,14 @@ def recommend_for(project: Project, answers: dict[str, Any]) -> dict[str, Any]:
         estimates = estimate(project, rec.recipe_string)
     except RecipeError as exc:  # never expected: every recommendation is a valid recipe
         estimates = {"error": str(exc)}
+    limit = situation.memory_limit_mb
+    if limit and estimates.get("memory_bytes", 0) > limit * 1_000_000:
+        rec.why.append(
+            f"Even so it needs about {estimates['memory_bytes'] / 1e6:.0f} MB to run, more than the {limit} MB "
+            "you have: choose a smaller base model, or a device with more memory."
+        )
+    elif limit:
+        rec.why.append(f"It fits the {limit} MB you have: about {estimates.get('memory_bytes', 0) / 1e6:.0f} MB to run.")
     return {
         "recipe": rec.recipe,
         "why": rec.why,
@@ -225,6 +233,12 @@ QUESTIONS: list[dict[str, Any]] = [
         "why": "A laptop or CPU server wants a compressed model; a GPU server has room for more; an edge "
         "device has a hard memory limit.",
         "choices": [("cpu", "A laptop or a CPU server"), ("gpu", "A server with a GPU"), ("edge", "An edge device with little memory")],
+    },
+    {
+        "key": "memory_limit_mb",
+        "question": "How much memory may the model use where it runs?",
+        "why": "Edge devices and shared servers have a limit; the model and its working memory must fit in it.",
+        "choices": [(None, "No particular limit"), (256, "256 MB"), (512, "512 MB"), (1024, "1 GB"), (4096, "4 GB")],
     },
     {
         "key": "teacher_allowed",
@@ -257,6 +271,7 @@ def question_defaults(project: Project) -> dict[str, Any]:
         # A registered model is not necessarily a fine-tuned one: the team says so.
         "has_finetuned_model": False,
         "target": "gpu" if machine()["gpu"] else "cpu",
+        "memory_limit_mb": None,
         "teacher_allowed": True,
         "priority": "accuracy",
         "hours": 1.0,

@@ -29,9 +29,9 @@ def test_wizard_to_build_to_estimates_against_measurements(live_server, page, ow
     page.goto(f"{live_server.url}/p/{project.slug}/")
     page.get_by_role("link", name="Choose an approach").click()
 
-    expect(page.get_by_text("Question 1 of 5")).to_be_visible()
+    expect(page.get_by_text("Question 1 of 6")).to_be_visible()
     expect(page.get_by_text("1 document, 0 training pairs")).to_be_visible()  # read, not asked
-    for choice in ("No, start from the bundled small model", "A laptop or a CPU server", "Yes",
+    for choice in ("No, start from the bundled small model", "A laptop or a CPU server", "No particular limit", "Yes",
                    "Low cost and effort", "Minutes"):  # fmt: skip
         page.get_by_label(choice, exact=True).check()
         page.get_by_role("button", name="Next").click()

@@ -110,11 +110,12 @@ def test_the_wizard_asks_one_question_at_a_time_and_resumes(project, owner_clien
 
     url = reverse("training-wizard", args=[project.slug])
     page = owner_client.get(url).content.decode()
-    assert "Question 1 of 5" in page and "Do you already have a model" in page
+    assert "Question 1 of 6" in page and "Do you already have a model" in page
     owner_client.post(url, {"key": "has_finetuned_model", "answer": "False"})
     owner_client.post(url, {"key": "target", "answer": "edge"})
     # Left and come back: the next unanswered question, the earlier answers kept.
-    assert "Question 3 of 5" in owner_client.get(url).content.decode()
+    assert "Question 3 of 6" in owner_client.get(url).content.decode()
+    owner_client.post(url, {"key": "memory_limit_mb", "answer": "256"})
     owner_client.post(url, {"key": "target", "answer": "phone"})  # not a choice: ignored
     assert WizardState.objects.get(project=project).answers["target"] == "edge"
     for key, answer in (("teacher_allowed", "True"), ("priority", "budget"), ("hours", "0.25")):
