@@ -11,7 +11,7 @@ from inference.models import Conversation, Message
 from projects.models import Membership
 from projects.services import document_add, membership_invite, pair_create, project_create
 from tests.conftest import client_for
-from training.models import GenerationRun, ModelVersion, Teacher
+from training.models import GenerationRun, ModelVersion, SavedRecipe, Teacher, WizardState
 from training.services import build_start
 
 pytestmark = pytest.mark.django_db
@@ -47,6 +47,7 @@ def everything(project, owner, tmp_path):  # type: ignore[no-untyped-def]
         project=project, name="T", kind=Teacher.Kind.ENDPOINT, base_url="http://127.0.0.1:9/v1", model_name="m"
     )
     run = GenerationRun.objects.create(project=project, teacher=teacher)
+    recipe = SavedRecipe.objects.create(project=project, name="R", recipe="quantize:q8_0")
     ids = {
         "projects-document": doc.pk, "projects-document-row": doc.pk, "projects-document-delete": doc.pk,
         "projects-pair-edit": pair.pk, "projects-pair-delete": pair.pk,
@@ -55,6 +56,7 @@ def everything(project, owner, tmp_path):  # type: ignore[no-untyped-def]
         "number": version.number, "conversation": conversation.pk, "message": question.pk,
         "training-teacher-check": teacher.pk, "training-teacher-remove": teacher.pk,
         "training-generation-status": run.pk, "training-generation-cancel": run.pk,
+        "training-recipe-export": recipe.pk, "training-recipe-build": recipe.pk, "training-recipe-delete": recipe.pk,
     }  # fmt: skip
     return ids
 
@@ -76,6 +78,8 @@ def test_an_outsider_gets_404_on_every_project_url(project, outsider_client, eve
     assert project.documents.count() == 1 and project.pairs.count() == 1
     assert project.builds.get().status == "queued"
     assert project.teachers.count() == 1 and project.generation_runs.get().status == "queued"
+    assert project.recipes.count() == 1
+    assert not WizardState.objects.filter(project=project).exclude(answers={}).exists()
 
 
 def test_an_outsider_does_not_see_the_project_on_home(project, outsider_client):
