@@ -139,13 +139,23 @@ SHORT = {
     "kd_full": "KD full",
 }
 STUDENTS = ("pruned", "sft", "kd", "kd_full")
+SVG_LABELS = {  # short enough for the chart's groups
+    "base": "base 135M",
+    "teacher": "teacher",
+    "pruned": "pruned only",
+    "sft": "student SFT",
+    "kd": "student KD",
+    "kd_full": "student KD full",
+}
 
 
 # --------------------------------------------------------------------------------------------
 # Text
 
 
-def held_out_text(paragraphs: list[tuple[str, str]], train_refs: list[str]) -> tuple[list[str], list[str], int]:
+def held_out_text(
+    paragraphs: list[tuple[str, str]], train_refs: list[str]
+) -> tuple[list[str], list[str], int]:
     """(training paragraphs, held-out paragraphs for perplexity, held-out paragraphs dropped because
     they hold a training pair's reference)."""
     train_texts = [p for _, p in paragraphs if pb.is_training(p)]
@@ -176,7 +186,11 @@ def train(
     work: Path,
     say: Any,
     distill: Any = None,
+    teacher_cache: Path | None = None,
 ) -> dict[str, Any]:
+    """train_lora in a fresh folder; `teacher_cache`, another distillation run's cached teacher
+    logits for the same examples, is copied in first (train_lora checks that it fits and reads it
+    instead of running the teacher again)."""
     from training.ml.lora import train_lora
 
     def on_point(point: Any) -> None:
@@ -188,16 +202,21 @@ def train(
                 + f", {point.tokens_per_second:.0f} tokens/s"
             )
 
-    teacher_progress: dict[str, float] = {}
+    teacher_seconds: list[float] = []
 
     def on_teacher(done: int, total: int) -> None:
-        teacher_progress.setdefault("start", time.perf_counter())
-        teacher_progress["end"] = time.perf_counter()
         if done == total:
-            say(f"  {name}: the teacher scored {total} training examples (top-{KD_TOP_K} logits cached)")
+            teacher_seconds.append(time.perf_counter() - started)
+            say(
+                f"  {name}: the teacher scored {total} training examples (top-{KD_TOP_K} logits cached), "
+                f"{teacher_seconds[-1]:.0f}s after the start (loading included)"
+            )
 
     folder = work / f"{name}_run"
     shutil.rmtree(folder, ignore_errors=True)  # a kept --work folder: train afresh, never resume
+    if teacher_cache is not None and teacher_cache.is_file():
+        folder.mkdir(parents=True)
+        shutil.copy2(teacher_cache, folder / teacher_cache.name)
     started = time.perf_counter()
     result = train_lora(
         model_dir, train_ex, held_ex, folder, settings, on_point=on_point, distill=distill,
@@ -219,6 +238,8 @@ def train(
         "validation_loss_before": result.base_eval_loss,
         "validation_loss_after": result.eval_loss,
         "last_distill_term": result.history[-1].distill_loss if result.history else None,
+        "teacher_pass_seconds": round(teacher_seconds[-1], 1) if teacher_seconds else None,
+        "teacher_cache_reused": distill is not None and not teacher_seconds,
         "history": [
             {
                 "step": p.step,
@@ -289,7 +310,11 @@ def kept_share(student: list[float], teacher: list[float], seed: str) -> dict[st
 def svg_chart(rows: list[dict[str, Any]], n: int) -> str:
     """Bars of F1, ROUGE-L and similarity per model with their 95% intervals; under each group the
     F16 size and its share of the teacher's."""
-    metrics = [("f1", "token F1", "#4472c4"), ("rouge_l", "ROUGE-L", "#ed7d31"), ("similarity", "similarity", "#70ad47")]
+    metrics = [
+        ("f1", "token F1", "#4472c4"),
+        ("rouge_l", "ROUGE-L", "#ed7d31"),
+        ("similarity", "similarity", "#70ad47"),
+    ]
     width, height, left, top, bottom = 860, 400, 50, 46, 86
     plot_w, plot_h = width - left - 20, height - top - bottom
     group = plot_w / len(rows)
@@ -297,7 +322,7 @@ def svg_chart(rows: list[dict[str, Any]], n: int) -> str:
     scale = 0.8  # the y axis runs to 0.8: every mean here is far below it
 
     def y(v: float) -> float:
-        return top + plot_h * (1 - min(v, scale) / scale)
+        return top + plot_h * (1 - min(max(v, 0.0), scale) / scale)
 
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -322,19 +347,23 @@ def svg_chart(rows: list[dict[str, Any]], n: int) -> str:
                 f'height="{top + plot_h - y(value):.1f}" fill="{color}"/>'
             )
             cx = x + bar * 0.45
-            out.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(hi):.1f}" y2="{y(lo):.1f}" stroke="black"/>')
+            out.append(
+                f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(hi):.1f}" y2="{y(lo):.1f}" stroke="black"/>'
+            )
             out.append(
                 f'<text x="{cx:.1f}" y="{y(hi) - 4:.1f}" text-anchor="middle" font-size="9">{value:.2f}</text>'
             )
         cx = left + g * group + group / 2
-        out.append(f'<text x="{cx:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{LABELS[row["model"]]}</text>')
+        out.append(
+            f'<text x="{cx:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{SVG_LABELS[row["model"]]}</text>'
+        )
         out.append(
             f'<text x="{cx:.1f}" y="{top + plot_h + 31}" text-anchor="middle" font-size="11" fill="#333">'
-            f'{row["size_mb"]:.0f} MB ({100 * row["size_ratio"]:.0f}% of teacher)</text>'
+            f"{row['size_mb']:.0f} MB ({100 * row['size_ratio']:.0f}% of teacher)</text>"
         )
         out.append(
             f'<text x="{cx:.1f}" y="{top + plot_h + 45}" text-anchor="middle" font-size="11" fill="#333">'
-            f'{row["parameters"] / 1e6:.1f}M params, ppl {row["perplexity"]:.1f}</text>'
+            f"{row['parameters'] / 1e6:.1f}M params, ppl {row['perplexity']:.1f}</text>"
         )
     for m, (_, label, color) in enumerate(metrics):
         lx = left + m * 120
@@ -359,7 +388,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
     from training.ml.base_models import dequantize_gguf_to_hf
     from training.ml.bundled import bundled_embedding_dir, bundled_llm_gguf
     from training.ml.gguf_convert import convert_hf_to_gguf
-    from training.ml.lora import Distillation, default_settings
+    from training.ml.lora import TEACHER_CACHE, Distillation, default_settings, encode, length_buckets
     from training.ml.rag import SentenceTransformerEmbedder
 
     hf_logging.disable_progress_bar()
@@ -413,7 +442,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
         rough_tokens = sum(len(m["content"]) for e in plain_train for m in e.messages) // 4
         app_defaults = default_settings(train_examples=len(plain_train), train_tokens=rough_tokens)
         train_tokens = fq.example_tokens(plain_train, tokenizer)
-        default_steps = fq.steps_for(train_tokens, app_defaults)
+        # The step count train_lora itself computes for these settings (its own encoding drops the
+        # newline ChatML writes after the end-of-turn token; fq.steps_for counts it and can say more).
+        encoded = encode(tokenizer, plain_train, max_length=app_defaults.max_length)
+        per_epoch = len(length_buckets(encoded, batch_tokens=app_defaults.batch_tokens, seed=0, epoch=0))
+        default_steps = max(1, math.ceil(app_defaults.epochs * per_epoch))
         max_steps = args.max_steps or default_steps
         settings = dataclasses.replace(
             app_defaults, max_steps=max_steps, eval_every=max_steps, checkpoint_every=max_steps
@@ -438,7 +471,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
 
         def convert(name: str) -> None:
             t = time.perf_counter()
-            converted = convert_hf_to_gguf(hf_dirs[name], work / f"{name}.f16.gguf", out_type="f16", name=name)
+            converted = convert_hf_to_gguf(
+                hf_dirs[name], work / f"{name}.f16.gguf", out_type="f16", name=name
+            )
             ggufs[name] = converted.path
             params, nonzero = pb.model_counts(hf_dirs[name])
             builds.setdefault(name, {}).update(
@@ -469,7 +504,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             tokenizer, train_texts, samples=defaults.calibration_samples,
             length=defaults.calibration_length, seed=SEED,
         )  # fmt: skip
-        builds["pruned"] = {"prune": prune_student(base_hf, tokenizer, windows, args.target, work / "pruned_hf")}
+        builds["pruned"] = {
+            "prune": prune_student(base_hf, tokenizer, windows, args.target, work / "pruned_hf")
+        }
         hf_dirs["pruned"] = work / "pruned_hf"
         convert("pruned")
         timings["prune"] = time.perf_counter() - t
@@ -503,6 +540,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 work,
                 say,
                 distill=distill if name.startswith("kd") else None,
+                teacher_cache=work / "kd_run" / TEACHER_CACHE if name == "kd_full" else None,
             )
             hf_dirs[name] = builds[name]["hf"]
             convert(name)
@@ -592,7 +630,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 "size_mb": b["gguf_bytes"] / 1e6,
                 "size_ratio": b["gguf_bytes"] / teacher_bytes,
                 "tokens_per_second": statistics.median(r.tokens_per_second for r in speeds[name]),
-                "prompt_tokens_per_second": statistics.median(r.prompt_tokens_per_second for r in speeds[name]),
+                "prompt_tokens_per_second": statistics.median(
+                    r.prompt_tokens_per_second for r in speeds[name]
+                ),
                 "speed_ratio_vs_base": statistics.median(ratios[name]) if name != "base" else 1.0,
                 "peak_memory_mb": statistics.median(r.peak_memory_bytes for r in speeds[name]) / 1e6,
                 "perplexity": s.perplexity,
@@ -653,8 +693,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 "speed_ratio": row["speed_ratio_vs_teacher"],
             }
             for key in METRICS:
-                entry[f"kept_{key}"] = kept_share(scores[name][key], scores["teacher"][key], f"kept:{name}:{key}")
-                entry[f"diff_{key}"] = paired_diff(scores[name][key], scores["teacher"][key], f"{name}-teacher:{key}")
+                entry[f"kept_{key}"] = kept_share(
+                    scores[name][key], scores["teacher"][key], f"kept:{name}:{key}"
+                )
+                entry[f"diff_{key}"] = paired_diff(
+                    scores[name][key], scores["teacher"][key], f"{name}-teacher:{key}"
+                )
             entry["performs_similarly"] = all(
                 entry[f"kept_{key}"]["share"] >= SIMILAR_SHARE and entry[f"diff_{key}"]["ci_low"] <= 0
                 for key in ("f1", "similarity")
@@ -731,7 +775,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             say(
                 f"{name} training: {b['steps']} steps, {b['tokens']} tokens at {b['tokens_per_second']:.0f} tokens/s, "
                 f"train loss (last epoch) {b['train_loss']:.3f}"
-                + (f", last KD term {b['last_distill_term']:.3f}" if b["last_distill_term"] is not None else "")
+                + (
+                    f", last KD term {b['last_distill_term']:.3f}"
+                    if b["last_distill_term"] is not None
+                    else ""
+                )
                 + f", validation CE {b['validation_loss_before']:.3f} -> {b['validation_loss_after']:.3f}; "
                 f"train_lora {b['wall_seconds']:.0f}s"
             )
@@ -798,7 +846,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 "held_out_tokens": held_tokens,
             },
             "bundled_gguf": {"name": bundled.path.name, "bytes": bundled.size},
-            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()},
+            "settings": {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()
+            },
             "app_default_steps": default_steps,
             "full_settings": {"full_finetune": True, "learning_rate": FULL_LEARNING_RATE},
             "distillation": {"temperature": KD_TEMPERATURE, "alpha": KD_ALPHA, "top_k": KD_TOP_K},
@@ -819,7 +869,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             },
             "timings": {k: round(v, 1) for k, v in timings.items()},
             "builds": {
-                m: {k: (str(v) if isinstance(v, Path) else v) for k, v in b.items()} for m, b in builds.items()
+                m: {k: (str(v) if isinstance(v, Path) else v) for k, v in b.items()}
+                for m, b in builds.items()
             },
             "rows": rows,
             "headlines": headlines,
@@ -835,9 +886,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", type=float, default=DEFAULT_TARGET, help="share of parameters the student keeps")
     parser.add_argument(
-        "--max-steps", type=int, default=None, help="step cap of every training run (default: the app's step count)"
+        "--target", type=float, default=DEFAULT_TARGET, help="share of parameters the student keeps"
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="step cap of every training run (default: the app's step count)",
     )
     parser.add_argument("--limit", type=int, default=None, help="answer only the first N held-out questions")
     parser.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, help="held-out tokens scored")
