@@ -3,8 +3,8 @@
 Two modes (`distill.mode`):
 - `logits`: the teacher shares the student's tokenizer (e.g. the SmolLM2 family) and is a local
   Hugging Face folder; the student trains on the project's pairs with the loss
-  α·T²·KL(teacher‖student at temperature T) + (1−α)·CE (ml/lora.py), the teacher's top-k logits
-  computed once and cached.
+  α·T²·KL(teacher‖student at temperature T) + (1−α)·CE (ml/lora.py), the teacher's top-k
+  probabilities (plus the mass of all other tokens) computed once and cached.
 - `sequence`: any teacher, local or behind an endpoint, answers the project's prompts (the
   training pairs' instructions); its answers are the student's training targets (LoRA SFT).
   Answers are kept beside the step, so a resumed build does not ask the teacher again.
@@ -87,7 +87,7 @@ def distill_step(ctx: StepContext) -> dict:
             raise StepError(f"Distillation settings: {exc}") from None
         ctx.log(
             f"Logit distillation from {teacher.name}: temperature {distill.temperature}, α {distill.alpha}, "
-            f"the teacher's top {distill.top_k} logits cached once."
+            f"the teacher's top {distill.top_k} tokens (and the mass of the rest) cached once."
         )
         extra |= {"temperature": distill.temperature, "alpha": distill.alpha, "top_k": distill.top_k}
         try:

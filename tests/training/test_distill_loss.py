@@ -1,8 +1,8 @@
 """Logit distillation and full fine-tuning in training.ml.lora, on tiny random Llamas.
 
 Two tiny models made with different seeds share their tokenizer exactly, so one can teach the
-other. The loss is checked against hand computations, the teacher's cached top-k logits against
-its live logits, and the loop end to end: the student moves towards the teacher, the teacher runs
+other. The loss is checked against hand computations, the teacher's cached top-k log-probabilities
+against its live logits, and the loop end to end: the student moves towards the teacher, the teacher runs
 once per work folder, and a full fine-tune resumes to the same weights as an unbroken run.
 """
 
@@ -126,33 +126,59 @@ def test_the_loss_matches_a_hand_computation() -> None:
         [[1.0, 0.5, -1.0, 2.0, 0.0], [0.2, -0.3, 1.5, 0.0, 0.7], [-1.0, 0.0, 0.3, 0.1, 2.2]]
     )
     targets = torch.tensor([3, 2, 0])
-    teacher_ids = torch.tensor([[3, 0], [2, 4], [4, 1]], dtype=torch.int32)
-    teacher_logits = torch.tensor([[2.5, 1.0], [1.0, 0.8], [3.0, -0.5]])
+    teacher = torch.tensor(
+        [[0.4, -1.0, 0.1, 2.5, 1.0], [-0.2, 0.3, 1.0, 0.0, 0.8], [0.0, -0.5, 1.1, 0.2, 3.0]]
+    )
+    teacher_ids = torch.tensor([[3, 4], [2, 4], [4, 2]], dtype=torch.int32)  # its top 2 per row
     t, alpha = 2.0, 0.3
 
     kl, ce = 0.0, 0.0
     for row in range(3):
         q = softmax([v / t for v in student[row].tolist()])  # the student over the whole vocabulary
-        p = softmax([v / t for v in teacher_logits[row].tolist()])  # the teacher renormalised on its k
+        p = softmax([v / t for v in teacher[row].tolist()])  # the teacher over the whole vocabulary
         ids = teacher_ids[row].tolist()
-        kl += sum(p[j] * (math.log(p[j]) - math.log(q[ids[j]])) for j in range(2))
+        rest_p = 1 - sum(p[j] for j in ids)  # every other token is one outcome
+        rest_q = 1 - sum(q[j] for j in ids)
+        kl += sum(p[j] * (math.log(p[j]) - math.log(q[j])) for j in ids)
+        kl += rest_p * (math.log(rest_p) - math.log(rest_q))
         ce -= math.log(softmax(student[row].tolist())[int(targets[row])])
-    loss = distillation_loss_sum(student, targets, teacher_ids, teacher_logits, temperature=t, alpha=alpha)
+    teacher_log_probs = F.log_softmax(teacher / t, -1).gather(1, teacher_ids.long())
+    loss = distillation_loss_sum(student, targets, teacher_ids, teacher_log_probs, temperature=t, alpha=alpha)
     assert loss.dtype == torch.float32
     assert float(loss) == pytest.approx(alpha * t * t * kl + (1 - alpha) * ce, rel=1e-6)
     # T^2 scaling: with alpha = 1 the loss is T^2 = 4 times the KL at T = 2.
-    pure = distillation_loss_sum(student, targets, teacher_ids, teacher_logits, temperature=t, alpha=1.0)
+    pure = distillation_loss_sum(student, targets, teacher_ids, teacher_log_probs, temperature=t, alpha=1.0)
     assert float(pure) == pytest.approx(4 * kl, rel=1e-6)
     # alpha = 0 is exactly the summed cross-entropy.
-    plain = distillation_loss_sum(student, targets, teacher_ids, teacher_logits, temperature=t, alpha=0.0)
+    plain = distillation_loss_sum(student, targets, teacher_ids, teacher_log_probs, temperature=t, alpha=0.0)
     assert torch.equal(plain, F.cross_entropy(student, targets, reduction="sum"))
+
+
+def test_a_student_that_matches_the_teacher_has_no_distillation_loss() -> None:
+    """The rest bucket is what makes this hold with k < V: renormalising the teacher over its k
+    tokens would still push a perfect student towards putting all its mass on them."""
+    torch.manual_seed(2)
+    teacher = torch.randn(6, 50) * 0.5  # flat: much of the mass lies outside the top 4
+    targets = torch.randint(0, 50, (6,))
+    for t in (1.0, 4.0):
+        log_p = F.log_softmax(teacher / t, -1)
+        log_probs, ids = log_p.topk(4, dim=-1)
+        assert float(log_probs.exp().sum(-1).max()) < 0.5
+        student = teacher.clone().requires_grad_(True)
+        loss = distillation_loss_sum(student, targets, ids, log_probs, temperature=t, alpha=1.0)
+        assert abs(float(loss.detach())) < 1e-5
+        loss.backward()
+        assert float(student.grad.abs().max()) < 1e-5
+        # Anything else costs something.
+        other = distillation_loss_sum(teacher.roll(1, 0), targets, ids, log_probs, temperature=t, alpha=1.0)
+        assert float(other) > 0.1
 
 
 def test_ignored_positions_never_count() -> None:
     torch.manual_seed(0)
     student = torch.randn(4, 7)
     teacher = torch.randn(4, 7)
-    values, ids = teacher.topk(3, dim=-1)
+    values, ids = F.log_softmax(teacher / 3.0, -1).topk(3, dim=-1)
     targets = torch.tensor([1, IGNORE_INDEX, 5, IGNORE_INDEX])
     kept = [0, 2]
     loss = distillation_loss_sum(student, targets, ids, values, temperature=3.0, alpha=0.6)
@@ -174,8 +200,8 @@ def test_with_every_token_it_is_the_full_kl_divergence() -> None:
     torch.manual_seed(1)
     student, teacher = torch.randn(5, 11) * 2, torch.randn(5, 11) * 2
     targets = torch.randint(0, 11, (5,))
-    values, ids = teacher.topk(11, dim=-1)
     for t, alpha in ((1.0, 1.0), (4.0, 1.0), (2.0, 0.5)):
+        values, ids = F.log_softmax(teacher / t, -1).topk(11, dim=-1)
         ours = distillation_loss_sum(student, targets, ids, values, temperature=t, alpha=alpha)
         assert float(ours) == pytest.approx(
             float(full_kd_loss(student, teacher, targets, t=t, alpha=alpha)), rel=1e-5
@@ -196,23 +222,26 @@ def test_settings_are_validated() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The teacher's cached logits
+# The teacher's cached log-probabilities
 
 
-def test_the_cache_holds_the_teachers_logits_at_the_learned_positions(models, encoded) -> None:
+def test_the_cache_holds_the_teachers_log_probs_at_the_learned_positions(models, encoded) -> None:
     student, teacher, _ = models
     vocab = teacher.config.vocab_size
     # Batched and padded here, one example at a time below: the same rows.
-    every = teacher_topk(teacher, encoded, top_k=vocab, batch_tokens=256)
-    few = teacher_topk(teacher, encoded, top_k=16, batch_tokens=256)
+    every = teacher_topk(teacher, encoded, top_k=vocab, temperature=4.0, batch_tokens=256)
+    few = teacher_topk(teacher, encoded, top_k=16, temperature=4.0, batch_tokens=256)
     for item, (ids, values), (few_ids, few_values) in zip(encoded, every, few, strict=True):
         live, targets = live_logits(teacher, item)
+        live_log_p = F.log_softmax(live / 4.0, -1)
         assert ids.shape == values.shape == (item.response_tokens, vocab)
         assert ids.dtype == torch.int32 and values.dtype == torch.float32
-        assert torch.allclose(values, live.gather(1, ids.long()), atol=1e-5)
-        # A smaller k keeps the teacher's true top-k tokens, highest first.
+        assert torch.allclose(values, live_log_p.gather(1, ids.long()), atol=1e-5)
+        # A smaller k keeps the teacher's true top-k tokens, most likely first, still normalised
+        # over the whole vocabulary (not over the k).
         assert torch.equal(few_ids.long(), live.topk(16, dim=-1).indices)
-        assert torch.allclose(few_values, live.topk(16, dim=-1).values, atol=1e-5)
+        assert torch.allclose(few_values, live_log_p.topk(16, dim=-1).values, atol=1e-5)
+        assert float(few_values.exp().sum(-1).max()) < 1.0
 
         # The loss from the cache is the loss from the live teacher.
         s, _ = live_logits(student, item)

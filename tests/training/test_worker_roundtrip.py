@@ -334,7 +334,7 @@ def _pid_gone(pid: int) -> bool:
     """True once the process has been reaped (a zombie still answers kill(pid, 0))."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # gone between open and read: ProcessLookupError, not FileNotFoundError
         return True
     return state == "X"
 

@@ -39,13 +39,14 @@ With `LoraSettings.full_finetune` every weight trains instead (no adapter): `mer
 trained model itself and there is no `adapter/`.
 
 Logit distillation (`Distillation`): a teacher with the student's tokenizer scores the training
-examples once, before the first step; its top-k logits at the response positions are cached in
-`<work_dir>/teacher-topk.safetensors` (a resumed run reads them back, the teacher is not run
-again), and the training loss mixes the KL divergence from the teacher's softened distribution
-with the usual cross-entropy on the gold response (see `distillation_loss_sum`). Caching the top k
-rather than the whole distribution keeps it small: SmolLM2's 49,152 logits per token would be
-192 KB; 64 of them with their ids are 512 bytes, and they hold nearly all of the teacher's mass
-at a temperature of a few degrees.
+examples once, before the first step; the log-probabilities (at the run's temperature) of its top
+k tokens at the response positions are cached in `<work_dir>/teacher-topk.safetensors` (a resumed
+run reads them back, the teacher is not run again), and the training loss mixes the KL divergence
+from the teacher's softened distribution with the usual cross-entropy on the gold response (see
+`distillation_loss_sum`). Caching the top k rather than the whole distribution keeps it small:
+SmolLM2's 49,152 logits per token would be 192 KB; 64 of them with their ids are 512 bytes. The
+teacher's mass outside its top k is not dropped but kept as one "rest" bucket, which matters at
+T=4: softened that much, a real teacher puts a good share of its mass outside any 64 tokens.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ KEEP_CHECKPOINTS = 2
 MAX_BAD_STEPS = 10  # consecutive steps with non-finite gradients before the run is declared diverged
 IGNORE_INDEX = -100  # the label of a token that is not learned (PyTorch's cross-entropy convention)
 TEACHER_CACHE = "teacher-topk.safetensors"  # in the work_dir of a distillation run
-TEACHER_CACHE_FORMAT = "1"
+TEACHER_CACHE_FORMAT = "2"  # 2: true log-probabilities at the temperature (1: raw logits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ class Distillation:
     teacher_dir: Path  # a local safetensors model folder, loadable with base_models.load_causal_lm
     temperature: float = 4.0  # softens both distributions so the teacher's runner-up tokens teach too
     alpha: float = 0.5  # weight of the distillation term; the gold response gets 1 - alpha
-    top_k: int = 64  # teacher logits cached per position; the rest of its distribution is dropped
+    top_k: int = 64  # teacher tokens cached per position; the rest of its mass is one bucket
 
     def __post_init__(self) -> None:
         checks = [
@@ -675,7 +676,7 @@ class _Run:
         self.device, self.precision = device, precision
         self.checkpoints = work_dir / "checkpoints"
         self.distill = distill
-        # Per training example, the teacher's (top-k ids, logits) at its response positions;
+        # Per training example, the teacher's (top-k ids, log-probabilities at T) at its response positions;
         # filled by _load_teacher before the first step.
         self.teacher: list[tuple[Any, Any]] | None = None
         self.last_distill_loss: float | None = None  # the last step's KD term, for its TrainPoint
@@ -911,9 +912,10 @@ class _Run:
     def _load_teacher(
         self, should_stop: Callable[[], bool], on_progress: Callable[[int, int], None] | None
     ) -> list[tuple[Any, Any]]:
-        """The teacher's top-k logits for every training example: from the cache in work_dir when
-        it was computed for this teacher, top_k and data, else by running the teacher once (and
-        caching the result, so a resumed run does not run it again)."""
+        """The teacher's top-k log-probabilities for every training example: from the cache in
+        work_dir when it was computed for this teacher, top_k, temperature and data, else by
+        running the teacher once (and caching the result, so a resumed run does not run it
+        again)."""
         import torch
 
         assert self.distill is not None
@@ -923,6 +925,7 @@ class _Run:
             "format": TEACHER_CACHE_FORMAT,
             "teacher": self.teacher_fingerprint,
             "top_k": self.distill.top_k,
+            "temperature": self.distill.temperature,
             "vocab": self.teacher_vocab,
             "precision": self.precision,  # bf16 autocast rounds the teacher's logits
         }
@@ -944,6 +947,7 @@ class _Run:
                 teacher,
                 self.train_set,
                 top_k=self.distill.top_k,
+                temperature=self.distill.temperature,
                 # No gradients and no activations kept: the training pass's budget is ample.
                 batch_tokens=self.memory.micro_tokens,
                 vocab_size=self.teacher_vocab,
@@ -966,15 +970,15 @@ class _Run:
         return rows
 
     def _teacher_rows(self, indices: Sequence[int]) -> dict[str, Any]:
-        """The teacher's top-k ids and logits for a batch of training examples, their rows in the
+        """The teacher's top-k ids and log-probabilities for a batch of training examples, their rows in the
         order `_loss_sum` selects the student's positions: example by example in `indices`' order,
         each example's response positions in order (the mask's row-major order)."""
         import torch
 
         assert self.teacher is not None
         ids = torch.cat([self.teacher[i][0] for i in indices])
-        logits = torch.cat([self.teacher[i][1] for i in indices])
-        return {"teacher_ids": ids.to(self.device), "teacher_logits": logits.to(self.device)}
+        log_probs = torch.cat([self.teacher[i][1] for i in indices])
+        return {"teacher_ids": ids.to(self.device), "teacher_log_probs": log_probs.to(self.device)}
 
     # -- compute ----------------------------------------------------------------------------
 
@@ -1022,7 +1026,7 @@ class _Run:
             logits,
             targets[selected],
             batch["teacher_ids"],
-            batch["teacher_logits"],
+            batch["teacher_log_probs"],
             temperature=self.distill.temperature,
             alpha=self.distill.alpha,
         )
@@ -1342,7 +1346,7 @@ def distillation_loss_sum(
     student_logits: Any,
     targets: Any,
     teacher_ids: Any,
-    teacher_logits: Any,
+    teacher_log_probs: Any,
     *,
     temperature: float,
     alpha: float,
@@ -1351,18 +1355,23 @@ def distillation_loss_sum(
 
     student_logits [N, V] are the student's logits at the positions that predict a response token,
     targets [N] the gold tokens there (rows whose target is IGNORE_INDEX count for nothing),
-    teacher_ids and teacher_logits [N, k] the teacher's top-k token ids and logits. Per position:
+    teacher_ids [N, k] the teacher's top-k token ids and teacher_log_probs [N, k] their
+    log-probabilities under the teacher's softmax(logits / T) over its whole vocabulary (what
+    `teacher_topk` returns). Per position:
 
         alpha * T^2 * KL(p || q) + (1 - alpha) * CE(student, target)
 
-    p is the teacher's softmax(logits / T) renormalised over its k tokens, q the student's
-    softmax(logits / T) over the whole vocabulary, and the KL sums p_k (log p_k - log q_k) over the
-    k tokens: the teacher's mass outside its top k is taken as zero. With k = V it is the exact KL.
+    q is the student's softmax(logits / T). The KL is taken over k + 1 outcomes: the teacher's k
+    tokens, and "any other token", which has the teacher's remaining mass r = 1 - sum(p_k) and the
+    student's mass outside those k tokens. That is the exact KL between the two distributions seen
+    at that resolution (a lower bound of the full KL, zero when the student matches the teacher),
+    and with k = V it is the full KL. Renormalising p over its k tokens instead would ask the
+    student to put all its softened mass on k tokens, which at T=4 means far too peaked logits.
     T^2 keeps the gradient's size independent of T (softening divides it by about T^2; Hinton et
     al., 2015). alpha = 0 is exactly the summed cross-entropy.
     """
     loss, _ = _distillation_terms(
-        student_logits, targets, teacher_ids, teacher_logits, temperature=temperature, alpha=alpha
+        student_logits, targets, teacher_ids, teacher_log_probs, temperature=temperature, alpha=alpha
     )
     return loss
 
@@ -1371,7 +1380,7 @@ def _distillation_terms(
     student_logits: Any,
     targets: Any,
     teacher_ids: Any,
-    teacher_logits: Any,
+    teacher_log_probs: Any,
     *,
     temperature: float,
     alpha: float,
@@ -1380,18 +1389,26 @@ def _distillation_terms(
     import torch
     import torch.nn.functional as F
 
-    if teacher_ids.shape != teacher_logits.shape or teacher_ids.shape[0] != student_logits.shape[0]:
+    if teacher_ids.shape != teacher_log_probs.shape or teacher_ids.shape[0] != student_logits.shape[0]:
         raise ValueError(
-            f"The teacher's rows {tuple(teacher_ids.shape)}/{tuple(teacher_logits.shape)} do not match "
+            f"The teacher's rows {tuple(teacher_ids.shape)}/{tuple(teacher_log_probs.shape)} do not match "
             f"the student's positions {tuple(student_logits.shape)}."
         )
     logits = student_logits.float()
     if alpha == 0:
         return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX), None
     t = float(temperature)
-    log_q = F.log_softmax(logits / t, dim=-1).gather(-1, teacher_ids.long())
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    ids = teacher_ids.long()
+    log_q_all = F.log_softmax(logits / t, dim=-1)
+    log_q = log_q_all.gather(-1, ids)
+    log_p = teacher_log_probs.float()
     per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    if ids.shape[-1] < logits.shape[-1]:
+        # The rest bucket. The student's rest is a log-sum-exp over the tokens outside the k (not
+        # log(1 - sum q_k), which loses everything to rounding when q_k sum to nearly 1).
+        rest_p = (1.0 - log_p.exp().sum(dim=-1)).clamp(min=0.0)
+        log_rest_q = torch.logsumexp(log_q_all.scatter(-1, ids, float("-inf")), dim=-1)
+        per_position = per_position + torch.xlogy(rest_p, rest_p) - rest_p * log_rest_q
     # where, not a boolean index: no device sync, and an ignored row's values never enter.
     kd = (t * t) * torch.where(targets != IGNORE_INDEX, per_position, 0.0).sum()
     if alpha == 1:
@@ -1405,16 +1422,19 @@ def teacher_topk(
     encoded: Sequence[Encoded],
     *,
     top_k: int,
+    temperature: float = 1.0,
     batch_tokens: int = 4096,
     vocab_size: int | None = None,
     precision: str = "float32",
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[Any, Any]]:
-    """The teacher's top-k logits at the positions the student learns, for every example.
+    """The teacher's top-k tokens at the positions the student learns, for every example.
 
-    For example i, (ids, logits) are CPU tensors [n_i, k] (int32, float32; sorted by logit, highest
-    first), one row per position p with labels[p + 1] != IGNORE_INDEX in increasing p: the rows
+    For example i, (ids, log_probs) are CPU tensors [n_i, k] (int32, float32; most likely first):
+    the k most likely tokens and their log-probabilities under softmax(logits / temperature) over
+    the whole (shared) vocabulary, so 1 - sum(exp(log_probs)) is the mass of every other token.
+    There is one row per position p with labels[p + 1] != IGNORE_INDEX in increasing p: the rows
     `_Run._loss_sum` selects, n_i = encoded[i].response_tokens. k = min(top_k, vocabulary).
     `vocab_size` limits the ids to those below it (the rows the student's output layer shares).
     The teacher runs on its own device, without gradients, in eval mode, under bf16 autocast when
@@ -1457,12 +1477,14 @@ def teacher_topk(
             }
             if plain:
                 hidden = teacher.get_decoder()(**inputs).last_hidden_state[:, :-1][selected]
-                parts = [head(piece)[:, :vocab].float().topk(k, dim=-1) for piece in hidden.split(chunk)]
+                parts = [
+                    _top_log_probs(head(piece)[:, :vocab], k, temperature) for piece in hidden.split(chunk)
+                ]
             else:
                 logits = teacher(**inputs).logits[:, :-1][selected]
-                parts = [piece[:, :vocab].float().topk(k, dim=-1) for piece in logits.split(chunk)]
-            values = torch.cat([part.values for part in parts]).cpu()
-            ids = torch.cat([part.indices for part in parts]).to(torch.int32).cpu()
+                parts = [_top_log_probs(piece[:, :vocab], k, temperature) for piece in logits.split(chunk)]
+            values = torch.cat([part[1] for part in parts]).cpu()
+            ids = torch.cat([part[0] for part in parts]).to(torch.int32).cpu()
             counts = selected.sum(dim=1).tolist()
             # The mask's row-major order: rows in batch order, each row's positions in order.
             for index, row_ids, row_values in zip(
@@ -1473,6 +1495,15 @@ def teacher_topk(
             if on_progress is not None:
                 on_progress(done, len(encoded))
     return typing.cast(list[tuple[Any, Any]], results)
+
+
+def _top_log_probs(logits: Any, k: int, temperature: float) -> tuple[Any, Any]:
+    """(ids, log-probabilities) of the k most likely tokens under softmax(logits / temperature)."""
+    import torch
+
+    scaled = logits.float() / float(temperature)
+    top = scaled.topk(k, dim=-1)
+    return top.indices, top.values - torch.logsumexp(scaled, dim=-1, keepdim=True)
 
 
 def _check_teacher(teacher_dir: Path, tokenizer: Any, config: Any) -> tuple[str, int]:
@@ -1534,7 +1565,7 @@ def _write_teacher_cache(path: Path, fingerprint: str, rows: Sequence[tuple[Any,
     offsets = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
     tensors = {
         "ids": torch.cat([ids for ids, _ in rows]).contiguous(),
-        "logits": torch.cat([logits for _, logits in rows]).contiguous(),
+        "log_probs": torch.cat([values for _, values in rows]).contiguous(),
         "offsets": offsets,
     }
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -1564,8 +1595,8 @@ def _read_teacher_cache(path: Path, fingerprint: str, examples: int) -> list[tup
     offsets = tensors["offsets"].tolist()
     if len(offsets) != examples + 1:
         return None
-    ids, logits = tensors["ids"], tensors["logits"]
-    return [(ids[a:b], logits[a:b]) for a, b in itertools.pairwise(offsets)]
+    ids, log_probs = tensors["ids"], tensors["log_probs"]
+    return [(ids[a:b], log_probs[a:b]) for a, b in itertools.pairwise(offsets)]
 
 
 # --------------------------------------------------------------------------------------------
