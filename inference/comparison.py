@@ -60,7 +60,9 @@ class Row:
         """The chain from the base model to this file, for the report's lineage diagram."""
         base = self.version.base.name if self.version.base else self.version.base_model
         kind = self.short_kind.split(" · ")[0] if self.version.quant_type else ""
-        return [base, *filter(None, self.made_by.split(" · "))] + ([f"quantized {kind}"] if self.version.metrics.get("quantize") else [])
+        return [base, *filter(None, self.made_by.split(" · "))] + (
+            [f"quantized {kind}"] if self.version.metrics.get("quantize") else []
+        )
 
     @property
     def short_kind(self) -> str:

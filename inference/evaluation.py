@@ -102,7 +102,9 @@ def evaluate_model(
         raise BuildCancelled
 
     pairs = list(
-        project.pairs.usable().filter(split=InstructionPair.Split.EVAL).order_by("pk")[: settings.EVAL_MAX_PAIRS]
+        project.pairs.usable()
+        .filter(split=InstructionPair.Split.EVAL)
+        .order_by("pk")[: settings.EVAL_MAX_PAIRS]
     )
     if pairs:
         report(f"answering {len(pairs)} held-out questions")
@@ -188,7 +190,9 @@ def _baseline(ctx: StepContext, index_dir: Path | None) -> dict | None:
         gguf, name, kind = unpruned, f"{base.name}{', fine-tuned' if tuned else ''}", "unpruned"
     elif tuned:
         if base.gguf_file is None or not base.gguf_file.is_file():
-            ctx.log(f"{base.name} has no GGUF to serve as it is; the fine-tuned model is not compared with it.")
+            ctx.log(
+                f"{base.name} has no GGUF to serve as it is; the fine-tuned model is not compared with it."
+            )
             return None
         gguf, name, kind = base.gguf_file, base.name, "base"
     else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -61,7 +62,7 @@ def report(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     css = ""
     if download:
         path = finders.find("css/app.css")
-        css = open(path, encoding="utf-8").read() if path else ""
+        css = Path(path).read_text(encoding="utf-8") if path else ""
     context = project_context(request, project, "models") | {
         "rows": rows,
         "chart": comparison.size_quality_chart(rows),

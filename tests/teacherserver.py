@@ -35,7 +35,11 @@ def _reply(body: dict) -> str:
     text = " ".join(passage.group(1).split())
     first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
     words = " ".join(text.split()[:6])
-    return "Here you go:\n```json\n" + json.dumps({"question": f"What about “{words}”?", "answer": first}) + "\n```"
+    return (
+        "Here you go:\n```json\n"
+        + json.dumps({"question": f"What about “{words}”?", "answer": first})
+        + "\n```"
+    )
 
 
 @contextmanager

@@ -38,7 +38,9 @@ def _settings(ctx: StepContext) -> dict[str, Any]:
     known = {"teacher", "mode", "temperature", "alpha", "top_k", "overrides"}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise StepError(f"Unknown distillation setting “{unknown[0]}”; known: teacher, mode, temperature, alpha, top_k.")
+        raise StepError(
+            f"Unknown distillation setting “{unknown[0]}”; known: teacher, mode, temperature, alpha, top_k."
+        )
     try:
         return {
             "teacher": int(params.get("teacher", 0) or 0),
@@ -92,7 +94,12 @@ def distill_step(ctx: StepContext) -> dict:
         extra |= {"temperature": distill.temperature, "alpha": distill.alpha, "top_k": distill.top_k}
         try:
             return _train(
-                ctx, weights, _plain_examples(train, count), _plain_examples(held, count), extra, distill=distill
+                ctx,
+                weights,
+                _plain_examples(train, count),
+                _plain_examples(held, count),
+                extra,
+                distill=distill,
             )
         except ValueError as exc:  # a teacher with another tokenizer, unreadable weights
             raise StepError(str(exc)) from None
@@ -100,7 +107,9 @@ def distill_step(ctx: StepContext) -> dict:
     written = [(q, a) for q, a in zip((q for q, _ in train), answers, strict=True) if a]
     if not written:
         raise StepError(f"{teacher.name} gave no usable answer; see the log, then build again.")
-    ctx.log(f"{teacher.name} answered {len(written)} of {len(train)} training prompts; the student learns its answers.")
+    ctx.log(
+        f"{teacher.name} answered {len(written)} of {len(train)} training prompts; the student learns its answers."
+    )
     extra |= {"teacher_answers": len(written), "prompts": len(train)}
     # Held-out pairs keep their reference answers: validation measures the task, not the teacher.
     return _train(ctx, weights, _plain_examples(written, count), _plain_examples(held, count), extra)
@@ -124,11 +133,14 @@ def _teacher_answers(ctx: StepContext, teacher: Teacher, prompts: list[str]) -> 
             return client.complete(messages, max_tokens=ANSWER_MAX_TOKENS).strip()
 
         with teacher_client(teacher) as client:
-            done = 0
-            for prompt, outcome in ml.map_bounded(
-                client, missing, ask, max_concurrency=teacher.max_concurrency, should_stop=ctx.cancel_requested
-            ):
-                done += 1
+            answers = ml.map_bounded(
+                client,
+                missing,
+                ask,
+                max_concurrency=teacher.max_concurrency,
+                should_stop=ctx.cancel_requested,
+            )
+            for done, (prompt, outcome) in enumerate(answers, start=1):
                 if isinstance(outcome, BaseException):
                     failures.append(str(outcome))
                     if getattr(outcome, "fatal", False):
@@ -140,7 +152,10 @@ def _teacher_answers(ctx: StepContext, teacher: Teacher, prompts: list[str]) -> 
         if ctx.cancel_requested(force=True):
             raise BuildCancelled
     if failures:
-        ctx.log(f"{len(failures)} questions got no answer from {teacher.name}; the last error: {failures[-1]}", "warning")
+        ctx.log(
+            f"{len(failures)} questions got no answer from {teacher.name}; the last error: {failures[-1]}",
+            "warning",
+        )
     return [stored.get(p, "") for p in prompts]
 
 

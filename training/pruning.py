@@ -148,9 +148,17 @@ def heal_step(ctx: StepContext) -> dict:
 
     weights = _weights(ctx)
     count = _chat_counter(AutoTokenizer.from_pretrained(str(weights), local_files_only=True))
-    rows = ctx.build.project.pairs.usable().order_by("pk").values_list("instruction", "input", "response", "split")
-    train_pairs = [("\n\n".join(filter(None, [i, x])), r) for i, x, r, s in rows if s != InstructionPair.Split.EVAL]
-    held_pairs = [("\n\n".join(filter(None, [i, x])), r) for i, x, r, s in rows if s == InstructionPair.Split.EVAL]
+    rows = (
+        ctx.build.project.pairs.usable()
+        .order_by("pk")
+        .values_list("instruction", "input", "response", "split")
+    )
+    train_pairs = [
+        ("\n\n".join(filter(None, [i, x])), r) for i, x, r, s in rows if s != InstructionPair.Split.EVAL
+    ]
+    held_pairs = [
+        ("\n\n".join(filter(None, [i, x])), r) for i, x, r, s in rows if s == InstructionPair.Split.EVAL
+    ]
     windows = _text_windows(documents_training_text(project=ctx.build.project))
     random.Random(f"heal:{ctx.build.pk}").shuffle(windows)
     held_text = windows[: len(windows) // 10]
@@ -159,13 +167,17 @@ def heal_step(ctx: StepContext) -> dict:
     held = _plain_examples(held_pairs, count) + [Example(messages=[], text=t) for t in held_text]
     if not train:
         raise StepError("Healing trains on your documents or instruction pairs; this project has neither.")
-    ctx.log(f"Healing on {len(train_pairs)} instruction pairs and {len(train_text)} passages of document text.")
+    ctx.log(
+        f"Healing on {len(train_pairs)} instruction pairs and {len(train_text)} passages of document text."
+    )
     metrics = _train(ctx, weights, train, held, {"pairs": len(train_pairs), "text_windows": len(train_text)})
     merged = ctx.step.outputs.get("hf_dir")
     pruned = ctx.build.steps.filter(name="prune").values_list("metrics", flat=True).first() or {}
     if merged and pruned.get("sparsity"):  # unstructured or N:M zeros, not a structured prune
         metrics["sparsity_restored"] = _restore_zeros(ctx, weights, Path(str(data_path(merged))))
-        ctx.progress(1, 1, f"Healed; {metrics['sparsity_restored']:.0%} of the layer weights kept at zero", force=True)
+        ctx.progress(
+            1, 1, f"Healed; {metrics['sparsity_restored']:.0%} of the layer weights kept at zero", force=True
+        )
     return metrics
 
 
@@ -211,6 +223,10 @@ def _restore_zeros(ctx: StepContext, pruned: Path, merged: Path) -> float:
     with atomic_dir(merged) as tmp:
         healed.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        copy_licence(pruned, tmp, title="healed", summary="healed by SLM Studio with a short LoRA fine-tune, its pruned weights kept at zero")
+        copy_licence(
+            pruned,
+            tmp,
+            title="healed",
+            summary="healed by SLM Studio with a short LoRA fine-tune, its pruned weights kept at zero",
+        )
     return round(zeros / total, 4) if total else 0.0
-

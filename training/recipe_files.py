@@ -45,7 +45,9 @@ def recipe_from_yaml(text: str) -> tuple[str, str, list[str]]:
     except yaml.YAMLError as exc:
         raise RecipeError(f"The file is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("steps"), list) or not data["steps"]:
-        raise RecipeError("A recipe file has a name and a list of steps (see the example in the Recipes panel).")
+        raise RecipeError(
+            "A recipe file has a name and a list of steps (see the example in the Recipes panel)."
+        )
     name = str(data.get("name") or "Imported recipe").strip()[:200]
     items: list[str] = []
     settings: list[str] = []
@@ -55,7 +57,7 @@ def recipe_from_yaml(text: str) -> tuple[str, str, list[str]]:
             continue
         if not (isinstance(step, dict) and len(step) == 1):
             raise RecipeError(f"Each step is a name or “name: {{settings}}”; this one is neither: {step!r}.")
-        (item, values), = step.items()
+        ((item, values),) = step.items()
         values = values or {}
         if not isinstance(values, dict):
             raise RecipeError(f"The settings of {item} are a mapping, e.g. {{epochs: 1}}.")

@@ -84,9 +84,13 @@ def recipe_problems(project: Project, plan) -> list[str]:  # type: ignore[no-unt
         what = "answer from documents" if plan.rag else "prune (pruning measures what your documents need)"
         problems.append(f"To {what}, upload documents first.")
     if plan.tune == "raft" and not (documents and pairs):
-        problems.append("RAFT trains on your instruction pairs together with passages of your documents: it needs both.")
+        problems.append(
+            "RAFT trains on your instruction pairs together with passages of your documents: it needs both."
+        )
     if plan.tune == "lora" and not pairs:
-        problems.append("Fine-tuning learns from instruction pairs: import some on the Instruction pairs tab first.")
+        problems.append(
+            "Fine-tuning learns from instruction pairs: import some on the Instruction pairs tab first."
+        )
     if plan.tune == "distill" and not project.teachers.exists():
         problems.append("Distillation needs a teacher model: add one on the Teachers tab first.")
     return problems

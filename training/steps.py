@@ -153,7 +153,12 @@ def parse_step(ctx: StepContext) -> dict:
         "pages": sum(d.page_count or 0 for d in parsed.only("page_count")),
         "sections": sum(d.section_count for d in parsed.only("section_count")),
     }
-    ctx.progress(read, read, f"{metrics['parsed']} document{'s' if metrics['parsed'] != 1 else ''} ready, {metrics['failed']} failed", force=True)
+    ctx.progress(
+        read,
+        read,
+        f"{metrics['parsed']} document{'s' if metrics['parsed'] != 1 else ''} ready, {metrics['failed']} failed",
+        force=True,
+    )
     return metrics
 
 
@@ -206,7 +211,9 @@ def rag_step(ctx: StepContext) -> dict:
         title = document.title or document.original_name
         chunks += rag.chunk_document(document.pk, title, parsed.sections, config)
         ctx.progress(i, len(documents), f"{i} of {len(documents)} documents split into passages")
-    ctx.log(f"{len(chunks)} passages from {len(documents)} document{'s' if len(documents) != 1 else ''}; embedding them.")
+    ctx.log(
+        f"{len(chunks)} passages from {len(documents)} document{'s' if len(documents) != 1 else ''}; embedding them."
+    )
     ctx.progress(0, len(chunks), "Loading the embedding model", force=True)
     embedder = shared_embedder()
     out = ctx.workdir / "index"

@@ -93,7 +93,9 @@ def generation_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     teacher = get_object_or_404(Teacher, pk=request.POST.get("teacher") or 0, project=project)
     try:
         per_document = int(request.POST.get("per_document", "5") or 5)
-        services.generation_start(project=project, teacher=teacher, per_document=per_document, user=request.user)
+        services.generation_start(
+            project=project, teacher=teacher, per_document=per_document, user=request.user
+        )
     except (ValidationError, ValueError) as exc:
         messages.error(request, " ".join(getattr(exc, "messages", [str(exc)])))
     return redirect("training-teachers", slug=project.slug)

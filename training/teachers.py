@@ -58,8 +58,14 @@ def teacher_add(
     if project.teachers.filter(name=name).exists():
         raise ValidationError(f"This project already has a teacher called “{name}”.")
     if bool(endpoint) == bool(path):
-        raise ValidationError("A teacher is either an endpoint (URL and model name) or a local path, not both.")
-    if timeout_seconds <= 0 or max_concurrency < 1 or (requests_per_minute is not None and requests_per_minute <= 0):
+        raise ValidationError(
+            "A teacher is either an endpoint (URL and model name) or a local path, not both."
+        )
+    if (
+        timeout_seconds <= 0
+        or max_concurrency < 1
+        or (requests_per_minute is not None and requests_per_minute <= 0)
+    ):
         raise ValidationError("Timeout, concurrency and rate limit must be positive.")
     teacher = Teacher(
         project=project, name=name, added_by=user, requests_per_minute=requests_per_minute,
@@ -68,7 +74,9 @@ def teacher_add(
     if endpoint:
         endpoint = endpoint.strip().rstrip("/")
         if not endpoint.startswith(("http://", "https://")):
-            raise ValidationError("The endpoint is a URL starting with http:// or https://, e.g. http://host:8000/v1.")
+            raise ValidationError(
+                "The endpoint is a URL starting with http:// or https://, e.g. http://host:8000/v1."
+            )
         if not model.strip():
             raise ValidationError("Name the model the endpoint should use.")
         teacher.kind, teacher.base_url, teacher.model_name = Teacher.Kind.ENDPOINT, endpoint, model.strip()
@@ -115,7 +123,7 @@ def teacher_client(teacher: Teacher) -> Iterator:  # type: ignore[type-arg]
 
 
 def teacher_check(*, teacher: Teacher) -> dict:
-    """"Test connection": one small request; the outcome is kept on the teacher and returned."""
+    """ "Test connection": one small request; the outcome is kept on the teacher and returned."""
     from .ml import teachers as ml
 
     if teacher.kind == Teacher.Kind.ENDPOINT:
@@ -163,7 +171,11 @@ def generation_passages(*, project: Project, per_document: int) -> list[Passage]
         if not chunks:
             continue
         count = min(per_document, len(chunks))
-        picks = sorted({round(i * (len(chunks) - 1) / max(1, count - 1)) for i in range(count)}) if count > 1 else [0]
+        picks = (
+            sorted({round(i * (len(chunks) - 1) / max(1, count - 1)) for i in range(count)})
+            if count > 1
+            else [0]
+        )
         passages += [Passage(chunks[i].id, document.pk, title, chunks[i].text) for i in picks]
     return passages
 
@@ -180,7 +192,9 @@ def generation_start(
         raise ValidationError("Ask for 1 to 100 questions per document.")
     if not project.documents.filter(status=Document.Status.PARSED).exists():
         raise ValidationError("There are no readable documents to write questions about yet.")
-    run = GenerationRun.objects.create(project=project, teacher=teacher, per_document=per_document, created_by=user)
+    run = GenerationRun.objects.create(
+        project=project, teacher=teacher, per_document=per_document, created_by=user
+    )
     from .tasks import generate_pairs_task
 
     transaction.on_commit(lambda: generate_pairs_task.delay(run.pk))
@@ -194,7 +208,9 @@ def generation_cancel(*, run: GenerationRun) -> GenerationRun:
     ):
         pass
     else:
-        GenerationRun.objects.filter(pk=run.pk, status=GenerationRun.Status.RUNNING).update(cancel_requested_at=now)
+        GenerationRun.objects.filter(pk=run.pk, status=GenerationRun.Status.RUNNING).update(
+            cancel_requested_at=now
+        )
     run.refresh_from_db()
     return run
 
@@ -224,7 +240,9 @@ def generation_run(*, run_id: int) -> None:
         passages = generation_passages(project=project, per_document=run.per_document)
         skip = _already_done(teacher)
         todo = [p for p in passages if p.id not in skip]
-        GenerationRun.objects.filter(pk=run.pk).update(total=len(passages), done=sorted(skip & {p.id for p in passages}))
+        GenerationRun.objects.filter(pk=run.pk).update(
+            total=len(passages), done=sorted(skip & {p.id for p in passages})
+        )
         run.refresh_from_db()
 
         def cancelled() -> bool:
@@ -252,11 +270,15 @@ def generation_run(*, run_id: int) -> None:
             error = f"None of {teacher.name}'s replies could be used. The last problem: {run.last_error}"
         else:
             status = GenerationRun.Status.SUCCEEDED
-        GenerationRun.objects.filter(pk=run.pk).update(status=status, ended_at=timezone.now(), error=error[:2000])
+        GenerationRun.objects.filter(pk=run.pk).update(
+            status=status, ended_at=timezone.now(), error=error[:2000]
+        )
     except Exception as exc:  # the run must end with a state the page can show, whatever happened
         log.exception("generation run %s failed", run_id)
-        message = str(exc) if isinstance(exc, ml.TeacherError | crypto.SecretUnreadable) else (
-            f"The generation stopped with an unexpected error: {exc.__class__.__name__}: {exc}"
+        message = (
+            str(exc)
+            if isinstance(exc, ml.TeacherError | crypto.SecretUnreadable)
+            else (f"The generation stopped with an unexpected error: {exc.__class__.__name__}: {exc}")
         )
         GenerationRun.objects.filter(pk=run.pk).update(
             status=GenerationRun.Status.FAILED, ended_at=timezone.now(), error=message[:2000]
@@ -271,7 +293,9 @@ def _record(run: GenerationRun, teacher: Teacher, passage: Passage, outcome: obj
     if isinstance(outcome, BaseException):
         counters["failed"] = F("failed") + 1
         counters["last_error"] = (
-            str(outcome) if isinstance(outcome, ml.TeacherError | ValueError) else f"{outcome.__class__.__name__}: {outcome}"
+            str(outcome)
+            if isinstance(outcome, ml.TeacherError | ValueError)
+            else f"{outcome.__class__.__name__}: {outcome}"
         )[:2000]
         GenerationRun.objects.filter(pk=run.pk).update(**counters)
         if isinstance(outcome, ml.TeacherError) and getattr(outcome, "fatal", False):

@@ -26,7 +26,11 @@ HISTORY_WRITE_SECONDS = 2.0
 
 
 def _pairs(ctx: StepContext) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    rows = ctx.build.project.pairs.usable().order_by("pk").values_list("instruction", "input", "response", "split")
+    rows = (
+        ctx.build.project.pairs.usable()
+        .order_by("pk")
+        .values_list("instruction", "input", "response", "split")
+    )
     train, held = [], []
     for instruction, input_, response, split in rows:
         question = "\n\n".join(filter(None, [instruction, input_]))
@@ -61,12 +65,16 @@ def _plain_examples(pairs: list[tuple[str, str]], count: Callable[[list[dict]], 
     ]
 
 
-def _train(ctx: StepContext, weights: Path, train: list, held: list, extra: dict, *, distill: Any = None) -> dict:
+def _train(
+    ctx: StepContext, weights: Path, train: list, held: list, extra: dict, *, distill: Any = None
+) -> dict:
     """Train on `train` (lora.Example) with the step's settings; `distill` (lora.Distillation)
     adds a teacher's logits to the loss."""
     from .ml import lora
 
-    tokens = sum(len(e.text) + sum(len(m["content"]) for m in e.messages) for e in train) // 4  # a rough count for the defaults
+    tokens = (
+        sum(len(e.text) + sum(len(m["content"]) for m in e.messages) for e in train) // 4
+    )  # a rough count for the defaults
     settings = lora.default_settings(train_examples=len(train), train_tokens=tokens)
     try:
         settings = settings.with_overrides(ctx.step.params.get("overrides", {}))
@@ -84,7 +92,11 @@ def _train(ctx: StepContext, weights: Path, train: list, held: list, extra: dict
                 "eval_loss": point.eval_loss,
                 "tokens_per_second": round(point.tokens_per_second, 1),
             }
-            | ({"distill_loss": point.distill_loss} if getattr(point, "distill_loss", None) is not None else {})
+            | (
+                {"distill_loss": point.distill_loss}
+                if getattr(point, "distill_loss", None) is not None
+                else {}
+            )
         )
         eta = f", about {_duration(point.eta_seconds)} left" if point.eta_seconds else ""
         ctx.progress(point.step, point.total_steps, f"Step {point.step} of {point.total_steps}{eta}")

@@ -62,13 +62,13 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     # The settings fields are "lora.KEY" / "prune.KEY"; empty ones keep the defaults. A pruning
     # field only counts for the method it belongs to.
     prune = request.POST.get("prune", "")
-    relevant = {"prune.target"} if prune == "structured" else {"prune.sparsity"} if prune == "wanda" else set()
+    relevant = (
+        {"prune.target"} if prune == "structured" else {"prune.sparsity"} if prune == "wanda" else set()
+    )
     if request.POST.get("tune") == "distill":
         relevant |= {"distill.teacher", "distill.mode"}
     settings = [
-        f"{k}={v}"
-        for k, v in request.POST.items()
-        if v.strip() and (k.startswith("lora.") or k in relevant)
+        f"{k}={v}" for k, v in request.POST.items() if v.strip() and (k.startswith("lora.") or k in relevant)
     ] + ([f"prune.method={prune}"] if prune else [])
     base = None
     if request.POST.get("base"):
@@ -219,7 +219,9 @@ def recipe_save(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     except (RecipeError, ValueError) as exc:
         messages.error(request, str(exc))
         return redirect("training-builds", slug=project.slug)
-    SavedRecipe.objects.update_or_create(project=project, name=name, defaults={"recipe": recipe, "settings": settings})
+    SavedRecipe.objects.update_or_create(
+        project=project, name=name, defaults={"recipe": recipe, "settings": settings}
+    )
     messages.success(request, f"Recipe “{name}” saved.")
     return redirect("training-builds", slug=project.slug)
 
@@ -232,7 +234,10 @@ def recipe_export(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResp
 
     project = project_or_404(request, slug)
     saved = get_object_or_404(SavedRecipe, pk=pk, project=project)
-    response = HttpResponse(recipe_to_yaml(saved.name, saved.recipe, saved.settings), content_type="application/yaml; charset=utf-8")
+    response = HttpResponse(
+        recipe_to_yaml(saved.name, saved.recipe, saved.settings),
+        content_type="application/yaml; charset=utf-8",
+    )
     response["Content-Disposition"] = f'attachment; filename="{project.slug}-recipe-{saved.pk}.yaml"'
     return response
 
@@ -246,7 +251,10 @@ def recipe_build(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
     saved = get_object_or_404(SavedRecipe, pk=pk, project=project)
     try:
         build = services.build_start(
-            project=project, user=request.user, recipe=saved.recipe, params=services.step_settings(saved.settings)
+            project=project,
+            user=request.user,
+            recipe=saved.recipe,
+            params=services.step_settings(saved.settings),
         )
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))

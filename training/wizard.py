@@ -32,7 +32,15 @@ REFERENCE = {
     "evaluate_seconds": 120.0,
 }
 # Bits per weight of each type on the bundled model, measured (bench/results/quantization.txt).
-REFERENCE_BITS = {"q8_0": 8.5, "q6_k": 7.0, "q5_k_m": 6.0, "q5_0": 5.5, "q4_k_m": 6.17, "q4_0": 4.5, "q4_1": 5.0}
+REFERENCE_BITS = {
+    "q8_0": 8.5,
+    "q6_k": 7.0,
+    "q5_k_m": 6.0,
+    "q5_0": 5.5,
+    "q4_k_m": 6.17,
+    "q4_0": 4.5,
+    "q4_1": 5.0,
+}
 # Perplexity change against the unquantized model, measured on the bundled model.
 REFERENCE_QUALITY = {"q8_0": 0.0055, "q4_k_m": 0.0555, "q4_0": 0.08, "q5_k_m": 0.02, "q6_k": 0.01}
 TRAINING_STEPS = ("lora", "raft", "distill", "heal")
@@ -64,12 +72,14 @@ def machine() -> dict[str, Any]:
 
 def project_situation(project: Project, answers: dict[str, Any]) -> Situation:
     """The team's answers, completed with what the project holds (counts are read, not asked)."""
-    known = {f for f in Situation.__dataclass_fields__}
+    known = set(Situation.__dataclass_fields__)
     unknown = sorted(set(answers) - known - {"documents", "pairs", "teachers"})
     if unknown:
         raise ValueError(f"Unknown answer “{unknown[0]}”; known: {', '.join(sorted(known))}.")
     read = {
-        "documents": project.documents.exclude(status=Document.Status.FAILED).count(),  # pending ones are read by the build
+        "documents": project.documents.exclude(
+            status=Document.Status.FAILED
+        ).count(),  # pending ones are read by the build
         "pairs": project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).count(),
         "teachers": project.teachers.count(),
     }
@@ -123,7 +133,11 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
     default = base_model_default()
     parameters = int(default.info.get("parameters") or 134_515_008)
     chars = sum(project.documents.filter(status=Document.Status.PARSED).values_list("char_count", flat=True))
-    pairs = list(project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).values_list("instruction", "response"))
+    pairs = list(
+        project.pairs.usable()
+        .filter(split=InstructionPair.Split.TRAIN)
+        .values_list("instruction", "response")
+    )
     steps: list[dict[str, Any]] = []
     bases: set[str] = set()
 
@@ -156,9 +170,13 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
 
         # Healing reads the pairs and up to HEAL_MAX_WINDOWS windows of document text (~4 chars a token).
         windows = min(HEAL_MAX_WINDOWS, chars // HEAL_WINDOW_CHARS + 1)
-        tokens = windows * HEAL_WINDOW_CHARS // 4 + sum(len(q) + len(a) for q, a in pairs) // 4 + 120 * len(pairs)
+        tokens = (
+            windows * HEAL_WINDOW_CHARS // 4 + sum(len(q) + len(a) for q, a in pairs) // 4 + 120 * len(pairs)
+        )
         rate, basis = train_rate
-        epochs = default_settings(train_examples=max(1, windows + len(pairs)), train_tokens=max(1, tokens)).epochs
+        epochs = default_settings(
+            train_examples=max(1, windows + len(pairs)), train_tokens=max(1, tokens)
+        ).epochs
         add("heal", tokens * epochs / rate, basis)
     if plan.tune or plan.prune or plan.quantize:
         add("convert", *_rate(_durations("convert"), REFERENCE["convert_seconds"]))
@@ -206,7 +224,9 @@ def recommend_for(project: Project, answers: dict[str, Any]) -> dict[str, Any]:
             "you have: choose a smaller base model, or a device with more memory."
         )
     elif limit:
-        rec.why.append(f"It fits the {limit} MB you have: about {estimates.get('memory_bytes', 0) / 1e6:.0f} MB to run.")
+        rec.why.append(
+            f"It fits the {limit} MB you have: about {estimates.get('memory_bytes', 0) / 1e6:.0f} MB to run."
+        )
     return {
         "recipe": rec.recipe,
         "why": rec.why,
@@ -225,20 +245,33 @@ QUESTIONS: list[dict[str, Any]] = [
         "key": "has_finetuned_model",
         "question": "Do you already have a model trained for your domain?",
         "why": "If so, there is no need to train again: we only make it smaller and faster.",
-        "choices": [(False, "No, start from the bundled small model"), (True, "Yes, it is registered as a base model")],
+        "choices": [
+            (False, "No, start from the bundled small model"),
+            (True, "Yes, it is registered as a base model"),
+        ],
     },
     {
         "key": "target",
         "question": "Where will the model run?",
         "why": "A laptop or CPU server wants a compressed model; a GPU server has room for more; an edge "
         "device has a hard memory limit.",
-        "choices": [("cpu", "A laptop or a CPU server"), ("gpu", "A server with a GPU"), ("edge", "An edge device with little memory")],
+        "choices": [
+            ("cpu", "A laptop or a CPU server"),
+            ("gpu", "A server with a GPU"),
+            ("edge", "An edge device with little memory"),
+        ],
     },
     {
         "key": "memory_limit_mb",
         "question": "How much memory may the model use where it runs?",
         "why": "Edge devices and shared servers have a limit; the model and its working memory must fit in it.",
-        "choices": [(None, "No particular limit"), (256, "256 MB"), (512, "512 MB"), (1024, "1 GB"), (4096, "4 GB")],
+        "choices": [
+            (None, "No particular limit"),
+            (256, "256 MB"),
+            (512, "512 MB"),
+            (1024, "1 GB"),
+            (4096, "4 GB"),
+        ],
     },
     {
         "key": "teacher_allowed",
@@ -252,8 +285,11 @@ QUESTIONS: list[dict[str, Any]] = [
         "question": "What matters most?",
         "why": "Every approach trades something: this decides what we give up first.",
         "choices": [
-            ("accuracy", "Accurate answers"), ("speed", "Fast answers"), ("size", "A small file"),
-            ("budget", "Low cost and effort"), ("privacy", "Privacy"),
+            ("accuracy", "Accurate answers"),
+            ("speed", "Fast answers"),
+            ("size", "A small file"),
+            ("budget", "Low cost and effort"),
+            ("privacy", "Privacy"),
         ],
     },
     {

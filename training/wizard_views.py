@@ -27,7 +27,9 @@ def wizard_page(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         key = request.POST.get("key", "")
         if key in keys:
             try:
-                state.answers = state.answers | {key: wizard.parse_answer(key, request.POST.get("answer", ""))}
+                state.answers = state.answers | {
+                    key: wizard.parse_answer(key, request.POST.get("answer", ""))
+                }
             except ValueError:
                 pass
             else:
@@ -59,8 +61,20 @@ def wizard_page(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         "label": recipe_label(recipe),
         "scenario": SCENARIOS.get(result["scenario"] or ""),
         "approaches": [APPROACHES[a] | {"key": a} for a in APPROACHES],
-        "answers": [(q["question"], dict((str(v), l) for v, l in q["choices"]).get(str(state.answers.get(q["key"])), "–"), q["key"]) for q in wizard.QUESTIONS],
-        "alternatives": [a | {"recipe_string": ",".join(a["recipe"]), "label_text": recipe_label(",".join(a["recipe"]))} for a in result["alternatives"]],
+        "answers": [
+            (
+                q["question"],
+                {str(value): label for value, label in q["choices"]}.get(
+                    str(state.answers.get(q["key"])), "–"
+                ),
+                q["key"],
+            )
+            for q in wizard.QUESTIONS
+        ],
+        "alternatives": [
+            a | {"recipe_string": ",".join(a["recipe"]), "label_text": recipe_label(",".join(a["recipe"]))}
+            for a in result["alternatives"]
+        ],
     }
     return render(request, "training/wizard_result.html", context)
 

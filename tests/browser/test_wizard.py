@@ -20,7 +20,9 @@ MANUAL = "\n\n".join(
 
 def test_wizard_to_build_to_estimates_against_measurements(live_server, page, owner, project, settings):  # type: ignore[no-untyped-def]
     settings.EVAL_MAX_TOKENS = 256
-    document_add(project=project, stream=SimpleUploadedFile("pumps.md", MANUAL.encode()), name="pumps.md", size=None)
+    document_add(
+        project=project, stream=SimpleUploadedFile("pumps.md", MANUAL.encode()), name="pumps.md", size=None
+    )
     page.set_default_timeout(30_000)
     page.goto(f"{live_server.url}/login/")
     page.get_by_label("Username").fill("alice")

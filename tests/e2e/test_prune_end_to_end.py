@@ -25,7 +25,10 @@ MANUAL = "# Pump manual\n\n" + "\n\n".join(
     f"is replaced at every service, and the seals every {2 + i % 3} years."
     for i, pump in enumerate(PUMPS)
 )
-PAIRS = [(f"How do I reset the {pump} pump?", f"Hold the red RESET button for {i + 3} seconds.") for i, pump in enumerate(PUMPS)]
+PAIRS = [
+    (f"How do I reset the {pump} pump?", f"Hold the red RESET button for {i + 3} seconds.")
+    for i, pump in enumerate(PUMPS)
+]
 
 
 @pytest.fixture
@@ -57,7 +60,9 @@ def test_maximum_compression_chain_on_the_bundled_model(pump_project):  # type: 
         "--set", "prune.calibration_samples=8", "--set", "prune.calibration_length=128",
     )  # fmt: skip
     steps = list(printed["metrics"])
-    assert steps.index("lora") < steps.index("prune") < steps.index("quantize:q4_k_m") < steps.index("evaluate")
+    assert (
+        steps.index("lora") < steps.index("prune") < steps.index("quantize:q4_k_m") < steps.index("evaluate")
+    )
     pruned = printed["metrics"]["prune"]
     assert abs(pruned["sparsity"] - 0.5) < 1e-3 and pruned["calibration_source"] == "documents"
     assert pruned["parameters_before"] > 130_000_000 and pruned["nonzero_ratio"] < 0.75

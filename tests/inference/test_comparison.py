@@ -65,7 +65,9 @@ def test_versions_measured_on_other_text_are_flagged_and_left_off_the_chart(proj
     assert chart is not None and [p.label for p in chart.points] == ["v2 Q4_0"]
 
 
-def test_the_report_shows_each_version_with_its_lineage_and_downloads_as_one_file(project, owner_client) -> None:  # type: ignore[no-untyped-def]
+def test_the_report_shows_each_version_with_its_lineage_and_downloads_as_one_file(
+    project, owner_client
+) -> None:  # type: ignore[no-untyped-def]
     from django.urls import reverse
 
     version = _version(project, 1, "q4_k_m", 80_000_000, 12.5)

@@ -44,7 +44,11 @@ def everything(project, owner, tmp_path):  # type: ignore[no-untyped-def]
     conversation = Conversation.objects.create(version=version, user=owner, title="Q")
     question = Message.objects.create(conversation=conversation, role="user", content="Q?")
     teacher = Teacher.objects.create(
-        project=project, name="T", kind=Teacher.Kind.ENDPOINT, base_url="http://127.0.0.1:9/v1", model_name="m"
+        project=project,
+        name="T",
+        kind=Teacher.Kind.ENDPOINT,
+        base_url="http://127.0.0.1:9/v1",
+        model_name="m",
     )
     run = GenerationRun.objects.create(project=project, teacher=teacher)
     recipe = SavedRecipe.objects.create(project=project, name="R", recipe="quantize:q8_0")

@@ -66,7 +66,9 @@ def test_estimates_use_what_this_machine_measured(project, owner):  # type: igno
     from training.wizard import estimate
 
     for i in range(60):
-        pair_create(project=project, instruction=f"How do I reset pump {i}?", input="", response=f"Hold RESET {i} s.")
+        pair_create(
+            project=project, instruction=f"How do I reset pump {i}?", input="", response=f"Hold RESET {i} s."
+        )
     before = estimate(project, "lora,quantize:q4_k_m")
     lora = next(s for s in before["steps"] if s["step"] == "lora")
     assert lora["basis"] == "reference" and before["is_estimate"]
@@ -103,7 +105,9 @@ def test_recommend_command_prints_the_contract(project, tmp_path):  # type: igno
 
 
 @pytest.mark.django_db
-def test_the_wizard_asks_one_question_at_a_time_and_resumes(project, owner_client, django_capture_on_commit_callbacks):  # type: ignore[no-untyped-def]
+def test_the_wizard_asks_one_question_at_a_time_and_resumes(
+    project, owner_client, django_capture_on_commit_callbacks
+):  # type: ignore[no-untyped-def]
     from django.urls import reverse
 
     from training.models import WizardState
@@ -121,9 +125,14 @@ def test_the_wizard_asks_one_question_at_a_time_and_resumes(project, owner_clien
     for key, answer in (("teacher_allowed", "True"), ("priority", "budget"), ("hours", "0.25")):
         owner_client.post(url, {"key": key, "answer": answer})
     result = owner_client.get(url).content.decode()
-    assert "Our recommendation" in result and "Fastest path to production" in result and "Build model" in result
+    assert (
+        "Our recommendation" in result and "Fastest path to production" in result and "Build model" in result
+    )
     with django_capture_on_commit_callbacks(execute=False):
-        owner_client.post(reverse("training-build-new", args=[project.slug]), {"recipe": "quantize:q4_k_m", "from_wizard": "1"})
+        owner_client.post(
+            reverse("training-build-new", args=[project.slug]),
+            {"recipe": "quantize:q4_k_m", "from_wizard": "1"},
+        )
     build = project.builds.get()
     assert build.estimates["is_estimate"] and build.estimates["size_bytes"] > 0
     detail = owner_client.get(build.get_absolute_url()).content.decode()
@@ -153,9 +162,15 @@ def test_recipes_round_trip_through_yaml_and_are_validated():
     from training.recipe_files import recipe_from_yaml, recipe_to_yaml
     from training.recipes import RecipeError
 
-    text = recipe_to_yaml("Max", "rag,lora,prune,quantize:q4_k_m", ["lora.epochs=1", "prune.method=structured"])
+    text = recipe_to_yaml(
+        "Max", "rag,lora,prune,quantize:q4_k_m", ["lora.epochs=1", "prune.method=structured"]
+    )
     assert "quantize:\n    type: q4_k_m" in text and "epochs: '1'" in text
-    assert recipe_from_yaml(text) == ("Max", "rag,lora,prune,quantize:q4_k_m", ["lora.epochs=1", "prune.method=structured"])
+    assert recipe_from_yaml(text) == (
+        "Max",
+        "rag,lora,prune,quantize:q4_k_m",
+        ["lora.epochs=1", "prune.method=structured"],
+    )
     for bad, message in [
         ("steps: [quantize: {type: q4_k_m}, lora]", "Quantize comes after every training"),
         ("steps: [rag, fly]", "Unknown recipe item"),
@@ -179,9 +194,14 @@ def test_a_saved_recipe_builds_and_exports(project, owner_client, django_capture
     assert saved.recipe == "quantize:q8_0"
     page = owner_client.get(reverse("training-builds", args=[project.slug])).content.decode()
     assert "Quick" in page and "Maximum compression" in page
-    assert "q8_0" in owner_client.get(reverse("training-recipe-export", args=[project.slug, saved.pk])).content.decode()
+    assert (
+        "q8_0"
+        in owner_client.get(reverse("training-recipe-export", args=[project.slug, saved.pk])).content.decode()
+    )
     with django_capture_on_commit_callbacks(execute=False):
         owner_client.post(reverse("training-recipe-build", args=[project.slug, saved.pk]))
     assert project.builds.get().recipe == "quantize:q8_0"
-    bad = owner_client.post(reverse("training-recipe-save", args=[project.slug]), {"yaml": "steps: [fly]"}, follow=True)
+    bad = owner_client.post(
+        reverse("training-recipe-save", args=[project.slug]), {"yaml": "steps: [fly]"}, follow=True
+    )
     assert "Unknown recipe item" in bad.content.decode()

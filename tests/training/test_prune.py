@@ -42,7 +42,9 @@ def test_wanda_zeroes_the_same_count_in_every_row_and_magnitude_over_the_matrix(
     assert int(magnitude[0].sum()) < 12
 
 
-@pytest.mark.parametrize(("method", "n", "m"), [("wanda_2_4", 2, 4), ("wanda_4_8", 4, 8), ("magnitude_2_4", 2, 4)])
+@pytest.mark.parametrize(
+    ("method", "n", "m"), [("wanda_2_4", 2, 4), ("wanda_4_8", 4, 8), ("magnitude_2_4", 2, 4)]
+)
 def test_n_m_pattern_has_exactly_n_zeros_in_every_group(method: str, n: int, m: int):
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(8, 34, generator=generator)  # 34: two columns past the last full group
@@ -116,7 +118,9 @@ def windows(tiny: Path) -> list[list[int]]:
 
 
 def _linear_weights(model) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-    return [m.weight for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    return [
+        m.weight for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)
+    ]
 
 
 @pytest.mark.parametrize("method", ["wanda", "magnitude", "wanda_2_4"])
@@ -157,7 +161,9 @@ def test_wanda_calibrates_each_layer_on_the_pruned_layers_before_it(tiny: Path, 
 
 
 def test_plan_candidates_respect_grouped_query_attention_and_alignment():
-    shape = prune.Shape(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True)
+    shape = prune.Shape(
+        layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True
+    )
     assert abs(shape.parameters() - 134_515_008) < 1000  # SmolLM2-135M
     plans = prune.plan_candidates(shape, target=0.75, layer_order=list(range(30)))
     assert plans
@@ -165,14 +171,19 @@ def test_plan_candidates_respect_grouped_query_attention_and_alignment():
         assert plan.intermediate % prune.WIDTH_ALIGN == 0
         assert plan.heads_per_group in (3, 2)
         kept = shape.parameters(
-            layers=30 - len(plan.layers_removed), intermediate=plan.intermediate, heads=plan.heads_per_group * 3
+            layers=30 - len(plan.layers_removed),
+            intermediate=plan.intermediate,
+            heads=plan.heads_per_group * 3,
         )
         assert abs(kept / shape.parameters() - 0.75) < 0.01
     assert any(p.layers_removed for p in plans) and any(p.heads_per_group == 2 for p in plans)
     fixed = prune.plan_candidates(shape, target=0.9, layer_order=list(range(30)), layers=0, heads_per_group=3)
     assert [(p.layers_removed, p.heads_per_group) for p in fixed] == [((), 3)]
     # Too little left for the MLP: no plan.
-    assert prune.plan_candidates(shape, target=0.3, layer_order=list(range(30)), layers=0, heads_per_group=3) == []
+    assert (
+        prune.plan_candidates(shape, target=0.3, layer_order=list(range(30)), layers=0, heads_per_group=3)
+        == []
+    )
 
 
 @pytest.mark.parametrize(("layers", "heads_per_group"), [(-1, -1), (1, 2)])
@@ -200,12 +211,18 @@ def test_structured_pruning_makes_a_smaller_model_transformers_and_llama_cpp_agr
     assert config.intermediate_size == structure["intermediate_size"] and config.head_dim == 16
     ids = windows[0]
     with torch.no_grad():
-        assert torch.allclose(reloaded(torch.tensor([ids])).logits, smaller(torch.tensor([ids])).logits, atol=1e-5)
+        assert torch.allclose(
+            reloaded(torch.tensor([ids])).logits, smaller(torch.tensor([ids])).logits, atol=1e-5
+        )
     gguf = gguf_convert.convert_hf_to_gguf(out, tmp_path / "pruned.gguf", out_type="f32").path
     expected, got = hf_logits(out, ids), llama_logits(gguf, ids)
     assert np.abs(expected - got).max() < 5e-4
     assert np.array_equal(expected.argmax(-1), got.argmax(-1))
-    assert gguf.stat().st_size < 0.75 * gguf_convert.convert_hf_to_gguf(tiny, tmp_path / "dense.gguf", out_type="f32").path.stat().st_size
+    assert (
+        gguf.stat().st_size
+        < 0.75
+        * gguf_convert.convert_hf_to_gguf(tiny, tmp_path / "dense.gguf", out_type="f32").path.stat().st_size
+    )
 
 
 def test_structured_keeps_the_heads_and_channels_that_matter(tiny: Path, windows):  # type: ignore[no-untyped-def]
@@ -223,7 +240,12 @@ def test_structured_keeps_the_heads_and_channels_that_matter(tiny: Path, windows
     assert result.structure["heads"] == 4
     original = model.model.layers[0].self_attn.q_proj.weight
     kept_q = smaller.model.layers[0].self_attn.q_proj.weight
-    kept_heads = [h for h in range(6) for k in range(4) if torch.equal(original[h * d : (h + 1) * d], kept_q[k * d : (k + 1) * d])]
+    kept_heads = [
+        h
+        for h in range(6)
+        for k in range(4)
+        if torch.equal(original[h * d : (h + 1) * d], kept_q[k * d : (k + 1) * d])
+    ]
     assert kept_heads == [0, 2, 3, 4]
     gate = model.model.layers[0].mlp.gate_proj.weight
     kept_rows = smaller.model.layers[0].mlp.gate_proj.weight

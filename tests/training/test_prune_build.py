@@ -40,7 +40,12 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):  # type: ignore[no-untyped-def]
     return make_tiny_llama(
-        tmp_path_factory.mktemp("tiny") / "tiny-llama", hidden=96, heads=6, kv_heads=2, intermediate=256, layers=4
+        tmp_path_factory.mktemp("tiny") / "tiny-llama",
+        hidden=96,
+        heads=6,
+        kv_heads=2,
+        intermediate=256,
+        layers=4,
     )
 
 
@@ -65,7 +70,14 @@ def test_recipes_with_prune_and_heal():
         "parse", "rag", "base", "lora", "prune", "convert", "quantize", "evaluate"
     ]  # fmt: skip
     assert plan.recipe == "rag,lora,prune,quantize:q4_k_m" and plan.prune and not plan.heal
-    assert [s["name"] for s in recipe_plan("heal,prune").steps] == ["parse", "base", "prune", "heal", "convert", "evaluate"]
+    assert [s["name"] for s in recipe_plan("heal,prune").steps] == [
+        "parse",
+        "base",
+        "prune",
+        "heal",
+        "convert",
+        "evaluate",
+    ]
     with pytest.raises(RecipeError, match="add the prune item"):
         recipe_plan("lora,heal")
     assert recipe_label("prune,heal") == "Pruned and healed"
@@ -109,10 +121,17 @@ def test_wanda_build_from_the_command_line(data, tiny_dir, client, owner):  # ty
     assert "50% zeroed (wanda)" in client.get(reverse("inference-models", args=[data.slug])).content.decode()
 
 
-def test_structured_prune_with_healing_shrinks_the_file(data, tiny_dir, owner, django_capture_on_commit_callbacks):  # type: ignore[no-untyped-def]
+def test_structured_prune_with_healing_shrinks_the_file(
+    data, tiny_dir, owner, django_capture_on_commit_callbacks
+):  # type: ignore[no-untyped-def]
     base = base_model_register(source=str(tiny_dir), name="Tiny Llama")
     params = {
-        "prune": {"method": "structured", "target": "0.6", "calibration_samples": "8", "calibration_length": "32"},
+        "prune": {
+            "method": "structured",
+            "target": "0.6",
+            "calibration_samples": "8",
+            "calibration_length": "32",
+        },
         "heal": {"overrides": {"max_steps": "3", "batch_tokens": "256"}},
     }
     with django_capture_on_commit_callbacks(execute=True):
@@ -147,7 +166,9 @@ def test_healing_keeps_unstructured_zeros(data, tiny_dir, owner, django_capture_
     assert (up.reshape(up.shape[0], -1, 4) == 0).sum(dim=-1).eq(2).all()
 
 
-def test_bad_pruning_settings_fail_the_build_with_a_message(data, tiny_dir, owner, django_capture_on_commit_callbacks):  # type: ignore[no-untyped-def]
+def test_bad_pruning_settings_fail_the_build_with_a_message(
+    data, tiny_dir, owner, django_capture_on_commit_callbacks
+):  # type: ignore[no-untyped-def]
     base = base_model_register(source=str(tiny_dir), name="Tiny Llama")
     with django_capture_on_commit_callbacks(execute=True):
         build = build_start(
@@ -170,5 +191,7 @@ def test_the_build_form_asks_for_pruning(data, tiny_dir, owner_client):  # type:
     assert build.recipe == "rag,lora,prune,heal,quantize:q8_0"
     # The structured target reaches the step; the Wanda-only field does not.
     assert build.steps.get(name="prune").params == {"target": "0.7", "method": "structured"}
-    owner_client.post(reverse("training-build-new", args=[data.slug]), {"base": "tiny-llama", "prune": "wanda_2_4"})
+    owner_client.post(
+        reverse("training-build-new", args=[data.slug]), {"base": "tiny-llama", "prune": "wanda_2_4"}
+    )
     assert data.builds.order_by("-pk").first().recipe == "prune"

@@ -5,6 +5,7 @@ distill step in both modes on tiny models."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from io import StringIO
 
@@ -32,16 +33,16 @@ MANUAL = "\n\n".join(
 
 @pytest.fixture
 def documents(project):  # type: ignore[no-untyped-def]
-    document_add(project=project, stream=SimpleUploadedFile("pumps.md", MANUAL.encode()), name="pumps.md", size=None)
+    document_add(
+        project=project, stream=SimpleUploadedFile("pumps.md", MANUAL.encode()), name="pumps.md", size=None
+    )
     return project
 
 
 def _cli(*args: str) -> dict:
     out = StringIO()
-    try:
+    with contextlib.suppress(SystemExit):
         call_command(*args, stdout=out)
-    except SystemExit:
-        pass
     return json.loads(out.getvalue())
 
 
@@ -76,10 +77,16 @@ def test_local_teachers_need_a_model_folder_or_gguf(project, tmp_path):  # type:
 @pytest.mark.django_db
 def test_test_connection_reports_success_and_a_wrong_key(project, owner_client):  # type: ignore[no-untyped-def]
     with teacher_server(api_key="right") as server:
-        good = teacher_add(project=project, name="Good", user=None, endpoint=server.url, model="m", api_key="right")
-        bad = teacher_add(project=project, name="Bad", user=None, endpoint=server.url, model="m", api_key="wrong")
+        good = teacher_add(
+            project=project, name="Good", user=None, endpoint=server.url, model="m", api_key="right"
+        )
+        bad = teacher_add(
+            project=project, name="Bad", user=None, endpoint=server.url, model="m", api_key="wrong"
+        )
         for teacher in (good, bad):
-            owner_client.post(reverse("training-teacher-check", args=[project.slug, teacher.pk]), HTTP_HX_REQUEST="true")
+            owner_client.post(
+                reverse("training-teacher-check", args=[project.slug, teacher.pk]), HTTP_HX_REQUEST="true"
+            )
     good.refresh_from_db()
     bad.refresh_from_db()
     assert good.check_ok is True
@@ -109,7 +116,9 @@ def test_generated_pairs_wait_for_review_and_a_rerun_adds_no_duplicates(document
         teacher = teacher_add(project=documents, name="T", user=None, endpoint=server.url, model="m")
         Teacher.objects.filter(pk=teacher.pk).update(timeout_seconds=5)
         # The P-200 passage fails (500 after retries); the others land.
-        first = _cli("generatepairs", documents.slug, "--teacher", str(teacher.pk), "--per-document", "20", "--wait")
+        first = _cli(
+            "generatepairs", documents.slug, "--teacher", str(teacher.pk), "--per-document", "20", "--wait"
+        )
         assert first["status"] == "succeeded" and first["failed"] >= 1 and first["added"] >= 1
         assert "500" in first["last_error"] or "overloaded" in first["last_error"]
         generated = documents.pairs.filter(source=InstructionPair.Source.GENERATED)
@@ -120,17 +129,26 @@ def test_generated_pairs_wait_for_review_and_a_rerun_adds_no_duplicates(document
         # Fixed teacher, new run: only what the first run did not get.
         server.fail_words.clear()
         asked_before = len(server.requests)
-        second = _cli("generatepairs", documents.slug, "--teacher", str(teacher.pk), "--per-document", "20", "--wait")
+        second = _cli(
+            "generatepairs", documents.slug, "--teacher", str(teacher.pk), "--per-document", "20", "--wait"
+        )
         assert second["added"] == first["failed"] and second["duplicates"] == 0
         assert len(server.requests) - asked_before == first["failed"]  # answered passages not asked again
     assert generated.count() == total
     assert generated.values("key").distinct().count() == total
     # Bulk review on the pairs page.
-    page = owner_client.get(reverse("projects-pairs", args=[documents.slug]) + "?review=pending").content.decode()
+    page = owner_client.get(
+        reverse("projects-pairs", args=[documents.slug]) + "?review=pending"
+    ).content.decode()
     assert "Waiting for review" in page and "Accept ticked" in page
     ids = list(generated.values_list("pk", flat=True))
-    owner_client.post(reverse("projects-pairs-review", args=[documents.slug]), {"decision": "rejected", "pair": ids[:1]})
-    owner_client.post(reverse("projects-pairs-review", args=[documents.slug]), {"decision": "accepted", "scope": "all-pending"})
+    owner_client.post(
+        reverse("projects-pairs-review", args=[documents.slug]), {"decision": "rejected", "pair": ids[:1]}
+    )
+    owner_client.post(
+        reverse("projects-pairs-review", args=[documents.slug]),
+        {"decision": "accepted", "scope": "all-pending"},
+    )
     assert documents.pairs.usable().filter(source=InstructionPair.Source.GENERATED).count() == total - 1
     assert documents.pairs.get(pk=ids[0]).review == InstructionPair.Review.REJECTED
 
@@ -142,7 +160,9 @@ def test_a_queued_run_can_be_cancelled_and_a_wrong_key_fails_the_run(documents, 
 
     document_parse(document_id=documents.documents.get().pk)
     with teacher_server(api_key="right") as server:
-        teacher = teacher_add(project=documents, name="T", user=None, endpoint=server.url, model="m", api_key="wrong")
+        teacher = teacher_add(
+            project=documents, name="T", user=None, endpoint=server.url, model="m", api_key="wrong"
+        )
         run = generation_start(project=documents, teacher=teacher, per_document=2, user=owner)
         assert generation_cancel(run=run).status == GenerationRun.Status.CANCELLED
         run = generation_start(project=documents, teacher=teacher, per_document=6, user=owner)
@@ -185,7 +205,9 @@ def student_dir(tmp_path_factory):  # type: ignore[no-untyped-def]
 def _distill(project, owner, base, params, capture):  # type: ignore[no-untyped-def]
     quick = {"overrides": {"max_steps": "3", "checkpoint_every": "1", "batch_tokens": "256"}}
     with capture(execute=True):
-        build = build_start(project=project, user=owner, recipe="distill", base=base, params={"distill": quick | params})
+        build = build_start(
+            project=project, user=owner, recipe="distill", base=base, params={"distill": quick | params}
+        )
     build.refresh_from_db()
     return build
 
@@ -196,8 +218,16 @@ def test_sequence_distillation_trains_on_the_teachers_answers(
 ):  # type: ignore[no-untyped-def]
     base = base_model_register(source=str(student_dir), name="Student")
     with teacher_server() as server:
-        teacher = teacher_add(project=pairs, name="Endpoint teacher", user=None, endpoint=server.url, model="m")
-        build = _distill(pairs, owner, base, {"teacher": str(teacher.pk), "mode": "sequence"}, django_capture_on_commit_callbacks)
+        teacher = teacher_add(
+            project=pairs, name="Endpoint teacher", user=None, endpoint=server.url, model="m"
+        )
+        build = _distill(
+            pairs,
+            owner,
+            base,
+            {"teacher": str(teacher.pk), "mode": "sequence"},
+            django_capture_on_commit_callbacks,
+        )
         asked = len(server.requests)
     assert build.status == Build.Status.SUCCEEDED, build.error
     step = build.steps.get(name="distill")
@@ -219,13 +249,25 @@ def test_logit_distillation_needs_a_local_same_tokenizer_teacher(
     base = base_model_register(source=str(student_dir), name="Student")
     teacher_dir = make_tiny_llama(tmp_path / "teacher", hidden=96, heads=6, kv_heads=2, layers=3, seed=1)
     teacher = teacher_add(project=pairs, name="Bigger", user=None, path=str(teacher_dir))
-    build = _distill(pairs, owner, base, {"teacher": str(teacher.pk), "mode": "logits", "temperature": "2"}, django_capture_on_commit_callbacks)
+    build = _distill(
+        pairs,
+        owner,
+        base,
+        {"teacher": str(teacher.pk), "mode": "logits", "temperature": "2"},
+        django_capture_on_commit_callbacks,
+    )
     assert build.status == Build.Status.SUCCEEDED, build.error
     m = build.steps.get(name="distill").metrics
     assert m["mode"] == "logits" and m["temperature"] == 2.0 and m["steps"] == 3
     with teacher_server() as server:
         remote = teacher_add(project=pairs, name="Remote", user=None, endpoint=server.url, model="m")
-        failed = _distill(pairs, owner, base, {"teacher": str(remote.pk), "mode": "logits"}, django_capture_on_commit_callbacks)
+        failed = _distill(
+            pairs,
+            owner,
+            base,
+            {"teacher": str(remote.pk), "mode": "logits"},
+            django_capture_on_commit_callbacks,
+        )
     assert failed.status == Build.Status.FAILED and "distill.mode=sequence" in failed.error
     missing = _distill(pairs, owner, base, {}, django_capture_on_commit_callbacks)
     assert missing.status == Build.Status.FAILED and "distill.teacher=ID" in missing.error
@@ -245,7 +287,9 @@ def test_runs_a_lost_worker_left_are_recovered(documents, owner):  # type: ignor
     with teacher_server() as server:
         teacher = teacher_add(project=documents, name="T", user=None, endpoint=server.url, model="m")
         lost_message = generation_start(project=documents, teacher=teacher, per_document=2, user=owner)
-        GenerationRun.objects.filter(pk=lost_message.pk).update(created_at=timezone.now() - timedelta(hours=1))
+        GenerationRun.objects.filter(pk=lost_message.pk).update(
+            created_at=timezone.now() - timedelta(hours=1)
+        )
         lost_worker = GenerationRun.objects.create(
             project=documents, teacher=teacher, status=GenerationRun.Status.RUNNING,
             claimed_by=f"{socket.gethostname()}:999999999", heartbeat_at=timezone.now(),
@@ -262,11 +306,18 @@ def test_runs_a_lost_worker_left_are_recovered(documents, owner):  # type: ignor
 def test_the_build_form_offers_distillation_once_there_is_a_teacher(project, owner_client, tmp_path):  # type: ignore[no-untyped-def]
     url = reverse("training-builds", args=[project.slug])
     assert "add a teacher" in owner_client.get(url).content.decode()
-    teacher = teacher_add(project=project, name="Bigger", user=None, endpoint="http://127.0.0.1:9/v1", model="m")
+    teacher = teacher_add(
+        project=project, name="Bigger", user=None, endpoint="http://127.0.0.1:9/v1", model="m"
+    )
     assert "Learn from a larger teacher model" in owner_client.get(url).content.decode()
     owner_client.post(
         reverse("training-build-new", args=[project.slug]),
-        {"tune": "distill", "distill.teacher": str(teacher.pk), "distill.mode": "sequence", "prune.target": "0.5"},
+        {
+            "tune": "distill",
+            "distill.teacher": str(teacher.pk),
+            "distill.mode": "sequence",
+            "prune.target": "0.5",
+        },
     )
     build = project.builds.get()
     assert build.recipe == "distill"

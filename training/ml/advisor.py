@@ -138,7 +138,9 @@ def recommend(s: Situation) -> Recommendation:
         why.append(f"You have {s.documents} document{'s' if s.documents != 1 else ''}: retrieval lets answers come from them, with citations, "
                    "and stays current when they change.")  # fmt: skip
     if s.has_finetuned_model:
-        why.append("You already have a fine-tuned model: no need to train again; it is compressed for where it runs.")
+        why.append(
+            "You already have a fine-tuned model: no need to train again; it is compressed for where it runs."
+        )
     elif quick:
         why.append("Time and budget come first: no training step; the build finishes in minutes.")
     elif can_teach and (s.priority == "accuracy" or not enough_pairs):
@@ -151,7 +153,9 @@ def recommend(s: Situation) -> Recommendation:
                    "answer from retrieved passages and ignore unrelated ones.")  # fmt: skip
     elif enough_pairs:
         items.append("lora")
-        why.append(f"{s.pairs} instruction pairs are enough to teach your answers' facts, tone and format (LoRA).")
+        why.append(
+            f"{s.pairs} instruction pairs are enough to teach your answers' facts, tone and format (LoRA)."
+        )
     elif s.pairs:
         why.append(f"{s.pairs} pairs are too few to train on (about {MIN_PAIRS_FOR_TRAINING} make a difference); "
                    "they still measure the model's quality.")  # fmt: skip
@@ -162,7 +166,9 @@ def recommend(s: Situation) -> Recommendation:
                    "healing training), making the file smaller and faster.")  # fmt: skip
     if s.target == "gpu" and not small:
         items.append("quantize:q8_0")
-        why.append("On a GPU server memory is ample: 8-bit keeps quality near the original while halving the file.")
+        why.append(
+            "On a GPU server memory is ample: 8-bit keeps quality near the original while halving the file."
+        )
     else:
         items.append("quantize:q4_k_m")
         place = {"cpu": "a CPU server or laptop", "edge": "an edge device", "gpu": "a GPU server"}[s.target]

@@ -82,7 +82,7 @@ class PruneSettings:
 
     @property
     def scoring(self) -> str:
-        """"wanda", "magnitude" or "structured"."""
+        """ "wanda", "magnitude" or "structured"."""
         return self.method.split("_")[0]
 
     @property
@@ -109,7 +109,9 @@ class PruneSettings:
         typed: dict[str, Any] = {}
         for key, raw in values.items():
             if key not in cls.__dataclass_fields__:
-                raise PruneError(f"Unknown pruning setting “{key}”; known: {', '.join(cls.__dataclass_fields__)}.")
+                raise PruneError(
+                    f"Unknown pruning setting “{key}”; known: {', '.join(cls.__dataclass_fields__)}."
+                )
             kind = type(getattr(defaults, key))
             try:
                 typed[key] = kind(str(raw).strip().lower() if kind is str else raw)
@@ -122,9 +124,7 @@ class PruneSettings:
 # Calibration
 
 
-def calibration_windows(
-    token_ids: Sequence[int], *, samples: int, length: int, seed: int
-) -> list[list[int]]:
+def calibration_windows(token_ids: Sequence[int], *, samples: int, length: int, seed: int) -> list[list[int]]:
     """`samples` windows of `length` tokens from one token stream, never overlapping.
 
     The stream is cut into consecutive slots of `length`; a seeded draw picks which slots, kept
@@ -355,7 +355,7 @@ def prune_unstructured(
             handles = []
             if inputs:
 
-                def hook(name: str) -> Callable[..., None]:
+                def hook(name: str, norms: dict[str, Any] = norms) -> Callable[..., None]:
                     def accumulate(module: Any, args: tuple, output: Any) -> None:
                         x = args[0].detach().float().reshape(-1, args[0].shape[-1])
                         norms[name] = norms.get(name, 0) + (x * x).sum(dim=0)
@@ -432,7 +432,9 @@ class Shape:
         attention = self.hidden * self.head_dim * (2 * h + 2 * self.kv_heads)
         return attention + 3 * self.hidden * i + 2 * self.hidden
 
-    def parameters(self, *, layers: int | None = None, intermediate: int | None = None, heads: int | None = None) -> int:
+    def parameters(
+        self, *, layers: int | None = None, intermediate: int | None = None, heads: int | None = None
+    ) -> int:
         n = self.layers if layers is None else layers
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
         return embeddings + n * self.layer_parameters(intermediate=intermediate, heads=heads)

@@ -25,7 +25,9 @@ class Command(JsonCommand):
         parser.add_argument("--wait", action="store_true", help="wait until the run ends")
         parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait at most")
 
-    def handle(self, *args, project: str, teacher: int, per_document: int, wait: bool, timeout: float, **o) -> None:  # type: ignore[no-untyped-def]
+    def handle(
+        self, *args, project: str, teacher: int, per_document: int, wait: bool, timeout: float, **o
+    ) -> None:  # type: ignore[no-untyped-def]
         target = Project.objects.filter(slug=project).first()
         if target is None:
             self.fail(f"No project {project!r}.")
