@@ -9,7 +9,7 @@ WEB_PORT ?= 8000
 export WEB_HOST WEB_PORT
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test system-test-deps run migrate worker web test test-fast test-browser lint migrations-check ci clean
+.PHONY: install install-test system-test-deps run migrate worker web test test-fast test-abuse test-browser lint migrations-check ci clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,9 @@ test: install-test system-test-deps
 
 test-fast: install-test
 	$(PY) -m pytest --ignore=tests/browser --ignore=tests/e2e
+
+test-abuse: install-test system-test-deps
+	$(PY) -m pytest -m abuse
 
 test-browser: install-test system-test-deps
 	$(PY) -m pytest tests/browser
