@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -95,6 +98,8 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "template_partials",
+    "csp",
+    "axes",
     "slmstudio",
     "projects",
     "training",
@@ -110,7 +115,10 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as django-axes asks: it turns a refused log-in into the "too many failures" page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "slmstudio.urls"
@@ -158,6 +166,11 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# django-axes first: it refuses a locked-out username or address before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "projects-home"
@@ -229,8 +242,12 @@ BUILD_HEARTBEAT_SECONDS = env_int("BUILD_HEARTBEAT_SECONDS", 5)
 BUILD_STALE_SECONDS = env_int("BUILD_STALE_SECONDS", 60)
 # How many times a build is started (first run plus re-queues after a lost worker).
 BUILD_MAX_ATTEMPTS = env_int("BUILD_MAX_ATTEMPTS", 3)
-# Seconds a whole build may run (its task's soft time limit); a build past it fails with a message.
+# Seconds one attempt of a build may run; past it the build stops at a safe point as "timed out"
+# (checkpoints kept) and can be resumed.
 BUILD_TIME_LIMIT = env_int("BUILD_TIME_LIMIT", 4 * 3600)
+# Seconds after BUILD_TIME_LIMIT before Celery interrupts a step that has not stopped by itself
+# (soft limit), and twice that before it kills the process (hard limit).
+BUILD_STOP_GRACE = env_int("BUILD_STOP_GRACE", 300)
 # Prepared base models (the bundled GGUF dequantized once, unchanged bases converted to F16),
 # shared by every build. Tests point it at one folder for the whole run.
 MODEL_CACHE_DIR = Path(env_str("MODEL_CACHE_DIR", str(DATA_DIR / "models"))).resolve()
@@ -254,11 +271,84 @@ LOGGING = {
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
 
+# Tests that run builds inside a test transaction turn the heartbeat thread off.
+BUILD_HEARTBEAT_THREAD = env_bool("BUILD_HEARTBEAT_THREAD", True)
+
+# --- Web security (issue 9) ----------------------------------------------------------------
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the page, not the cookie
+CSRF_FAILURE_VIEW = "slmstudio.views.csrf_failure"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
-# Tests that run builds inside a test transaction turn the heartbeat thread off.
-BUILD_HEARTBEAT_THREAD = env_bool("BUILD_HEARTBEAT_THREAD", True)
-CSRF_FAILURE_VIEW = "slmstudio.views.csrf_failure"
+
+# Content-Security-Policy on every response (django-csp). Scripts and styles come only from our
+# own static files: model output and document text end up in pages, and even if some markup slipped
+# through sanitising it could neither run script nor load an image from elsewhere (a way to leak
+# what the page shows). The downloadable report sets its own, stricter policy (inference.views).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "frame-ancestors": [NONE],
+        "form-action": [SELF],
+    },
+}
+
+# Log-in limits (django-axes; attempts are rows in our database, so every web process shares
+# them). A username is refused after LOGIN_FAILURES_PER_USERNAME failures, an address after
+# LOGIN_FAILURES_PER_ADDRESS, until LOGIN_LOCKOUT_MINUTES pass without a new failure. The address
+# limit is higher because a whole office may share one address (slmstudio.auth explains).
+# An administrator lifts a lock with `manage.py axes_reset_username NAME` (or `axes_reset`).
+AXES_ENABLED = env_bool("LOGIN_LIMITS", True)
+AXES_HANDLER = "slmstudio.auth.LoginLimitHandler"
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+LOGIN_FAILURES_PER_USERNAME = env_int("LOGIN_FAILURES_PER_USERNAME", 10)
+LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 50)
+LOGIN_LOCKOUT_MINUTES = env_int("LOGIN_LOCKOUT_MINUTES", 15)
+AXES_FAILURE_LIMIT = LOGIN_FAILURES_PER_USERNAME
+AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_LOCKOUT_MINUTES)
+# Tries made while locked out do not restart the wait, so "wait 15 minutes" stays true.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_HTTP_RESPONSE_CODE = 429
+# Successful log-ins are not logged row by row (the table would only grow); failures are.
+AXES_DISABLE_ACCESS_LOG = True
+
+# --- Production (SLM_PRODUCTION=1) ---------------------------------------------------------
+# The default is a local install opened over plain http (`make run`), so HTTPS-only settings are
+# switched on only here. `manage.py check --deploy --fail-level WARNING` passes with these.
+# (Database, broker and storage for production are configured above through their URLs.)
+PRODUCTION = env_bool("SLM_PRODUCTION", False)
+if PRODUCTION:
+    if not os.environ.get("SECRET_KEY"):
+        # A generated key on a shared DATA_DIR works, but production secrets must be managed (and
+        # rotated) by whoever runs the server, not appear silently in a data folder.
+        raise ImproperlyConfigured("SLM_PRODUCTION=1 needs SECRET_KEY in the environment (50+ random characters).")
+    if DEBUG:
+        raise ImproperlyConfigured("SLM_PRODUCTION=1 cannot run with DEBUG on.")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600)
+    # Off unless asked: HSTS on every subdomain (or the browsers' preload list) binds services
+    # this installation does not own, so it is the domain owner's decision.
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+    # Behind a proxy that terminates TLS, it tells us the original scheme in X-Forwarded-Proto;
+    # only set this when that proxy always overwrites the header (a client could send it too).
+    if env_bool("BEHIND_TLS_PROXY", False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # A proxy that already redirects http to https may turn ours off (SECURE_SSL_REDIRECT=0).
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    # Decided above, not forgotten: silence only the checks for choices made on purpose.
+    SILENCED_SYSTEM_CHECKS = [
+        *([] if SECURE_HSTS_INCLUDE_SUBDOMAINS else ["security.W005"]),
+        *([] if SECURE_HSTS_PRELOAD else ["security.W021"]),
+        *([] if SECURE_SSL_REDIRECT else ["security.W008"]),
+    ]

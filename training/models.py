@@ -76,8 +76,11 @@ class Build(models.Model):
         CANCELLED = "cancelled", "Cancelled"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
+        # Stopped at a safe point when it ran past BUILD_TIME_LIMIT; its checkpoints are kept and
+        # "Resume" queues it again (build_resume).
+        TIMED_OUT = "timed_out", "Timed out"
 
-    TERMINAL = frozenset({Status.CANCELLED, Status.SUCCEEDED, Status.FAILED})
+    TERMINAL = frozenset({Status.CANCELLED, Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT})
     ACTIVE = frozenset({Status.RUNNING, Status.CANCELLING})
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="builds")
@@ -97,6 +100,9 @@ class Build(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # Set when the worker running the build is shutting down (a deploy's SIGTERM): the build stops
+    # at its next safe point and goes back to the queue instead of finishing or failing.
+    requeue_requested_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     # What the wizard estimated when it started this build (training.wizard.estimate), shown next
     # to what was measured once it ends.
@@ -119,6 +125,10 @@ class Build(models.Model):
     @property
     def can_cancel(self) -> bool:
         return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+    @property
+    def can_resume(self) -> bool:
+        return self.status == self.Status.TIMED_OUT
 
     @property
     def duration(self):  # type: ignore[no-untyped-def]

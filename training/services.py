@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +26,16 @@ from slmstudio.lib.workers import worker_id, worker_is_dead
 from .models import BaseModel, Build, BuildLog, BuildStep, ModelVersion, stored_path
 from .recipes import DEFAULT_RECIPE, RecipeError, recipe_plan
 from .registry import base_has_weights, base_model_default
-from .steps import STEP_RUNNERS, BuildCancelled, StepContext, StepError, build_outputs
+from .steps import (
+    SHUTDOWN_REQUESTED,
+    STEP_LABELS,
+    STEP_RUNNERS,
+    BuildCancelled,
+    BuildInterrupted,
+    StepContext,
+    StepError,
+    build_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +168,7 @@ def build_claim(*, build_id: int, worker: str) -> bool:
             # A resumed build keeps its first start time, so its duration covers every attempt.
             started_at=Coalesce(F("started_at"), Value(now)),
             heartbeat_at=now,
+            requeue_requested_at=None,
         )
     )
 
@@ -172,11 +184,19 @@ def build_run(*, build_id: int) -> None:
         BuildLog.objects.create(build=build, message=f"Resuming (attempt {build.attempts}).")
     else:
         BuildLog.objects.create(build=build, message="Build started.")
+    # Each attempt gets BUILD_TIME_LIMIT; past it the running step stops at its next safe point
+    # (a training step writes a checkpoint first) and the build ends as timed out. Celery's own
+    # soft limit, a little later, is the backstop for a step that never reaches a safe point.
+    deadline = time.monotonic() + settings.BUILD_TIME_LIMIT
+    # A flag left by a SIGTERM that reached only this pool process (its parent kept consuming)
+    # concerned the build it was running then, not this one.
+    SHUTDOWN_REQUESTED.clear()
     step: BuildStep | None = None
+    ctx: StepContext | None = None
     with _Heartbeat(build.pk, me):
         try:
             for step in build.steps.exclude(status=BuildStep.Status.SUCCEEDED):
-                ctx = StepContext(build=build, step=step)
+                ctx = StepContext(build=build, step=step, deadline=deadline)
                 ctx.check_cancel(force=True)
                 _step_started(step)
                 metrics = STEP_RUNNERS[step.name](ctx)
@@ -188,26 +208,134 @@ def build_run(*, build_id: int) -> None:
                     build, me, Build.Status.SUCCEEDED,
                     note=f"Build finished: {names} {'is' if len(versions) == 1 else 'are'} ready." if versions else "",
                 )  # fmt: skip
-        except BuildCancelled:
-            _step_finished(step, BuildStep.Status.CANCELLED)
-            _build_finished(build, me, Build.Status.CANCELLED, note="Build cancelled.")
+        except (BuildCancelled, BuildInterrupted) as exc:
+            # A step's own stop exception (TrainingStopped, ...) arrives as BuildCancelled; the
+            # context knows why it was asked to stop.
+            reason = exc.reason if isinstance(exc, BuildInterrupted) else (ctx.stop_reason if ctx else None)
+            if reason == BuildInterrupted.SHUTDOWN:
+                _build_requeue_for_shutdown(build, me, step)
+            elif reason == BuildInterrupted.TIME_LIMIT:
+                _build_timed_out(build, me, step)
+            else:
+                _step_finished(step, BuildStep.Status.CANCELLED)
+                _build_finished(build, me, Build.Status.CANCELLED, note="Build cancelled.")
         except StepError as exc:
             _step_finished(step, BuildStep.Status.FAILED)
             _build_finished(build, me, Build.Status.FAILED, error=str(exc))
         except SoftTimeLimitExceeded:
-            _step_finished(step, BuildStep.Status.FAILED)
-            _build_finished(
-                build, me, Build.Status.FAILED,
-                error="The build ran past its time limit. Try a smaller recipe or raise BUILD_TIME_LIMIT.",
-            )  # fmt: skip
+            _build_timed_out(build, me, step)
         except Exception as exc:
             log.exception("build %s failed in step %s", build_id, step)
             _step_finished(step, BuildStep.Status.FAILED)
-            label = step.name if step else "start-up"
-            _build_finished(
-                build, me, Build.Status.FAILED,
-                error=f"Step “{label}” stopped with an unexpected error: {exc.__class__.__name__}: {exc}",
-            )  # fmt: skip
+            _build_finished(build, me, Build.Status.FAILED, error=_unexpected_error(exc, step))
+
+
+def _unexpected_error(exc: BaseException, step: BuildStep | None) -> str:
+    """What the user reads when a step failed without a message of its own: disk full and out of
+    memory say what to do about them; anything else names the error."""
+    label = f"“{STEP_LABELS.get(step.name, step.name)}”" if step else "start-up"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_megabytes(Path(settings.DATA_DIR))
+        return (
+            f"The disk is full: step {label} could not write its files under {settings.DATA_DIR}"
+            + (f" ({free} MB free)" if free is not None else "")
+            + ". Free some space there (delete old builds or model versions, or move DATA_DIR to a larger "
+            "disk) and start the build again. Your documents, pairs and earlier models are untouched."
+        )
+    if _out_of_memory(exc):
+        return (
+            f"Step {label} ran out of memory. Start the build again with a smaller base model or recipe "
+            "(for training, a lower lora.batch_tokens), or run the worker on a machine with more memory. "
+            "Your documents, pairs and earlier models are untouched."
+        )
+    return f"Step {label} stopped with an unexpected error: {exc.__class__.__name__}: {exc}"
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    # torch reports a failed allocation as a RuntimeError ("DefaultCPUAllocator: can't allocate
+    # memory", "CUDA out of memory"); llama.cpp's bindings as ValueError/RuntimeError with text.
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, ValueError)) and any(
+        phrase in text for phrase in ("can't allocate memory", "out of memory", "cannot allocate memory")
+    )
+
+
+def _free_megabytes(path: Path) -> int | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free // 2**20
+    except OSError:
+        return None
+
+
+def _build_timed_out(build: Build, worker: str, step: BuildStep | None) -> None:
+    """End an attempt that ran past BUILD_TIME_LIMIT: the unfinished step goes back to waiting
+    (its checkpoints stay in its work folder), so build_resume continues where it stopped."""
+    hours = settings.BUILD_TIME_LIMIT / 3600
+    limit = (
+        f"{hours:g} hour{'s' if hours != 1 else ''}" if hours >= 1 else f"{settings.BUILD_TIME_LIMIT} seconds"
+    )
+    label = f" in step “{STEP_LABELS.get(step.name, step.name)}”" if step else ""
+    _step_finished(step, BuildStep.Status.PENDING)
+    _build_finished(
+        build, worker, Build.Status.TIMED_OUT,
+        error=(
+            f"The build ran past its time limit of {limit} and stopped{label}, keeping what it had done "
+            "(training keeps its last checkpoint). Resume it to continue from there, or raise "
+            "BUILD_TIME_LIMIT."
+        ),
+    )  # fmt: skip
+
+
+def _build_requeue_for_shutdown(build: Build, worker: str, step: BuildStep | None) -> None:
+    """The worker is shutting down (a deploy): hand the build back to the queue. The attempt is
+    not counted against BUILD_MAX_ATTEMPTS, since nothing went wrong with the build."""
+    from .tasks import run_build_task
+
+    _step_finished(step, BuildStep.Status.PENDING)
+    with transaction.atomic():
+        if not Build.objects.filter(pk=build.pk, claimed_by=worker, status__in=Build.ACTIVE).update(
+            status=Build.Status.QUEUED, claimed_by="", requeue_requested_at=None, attempts=F("attempts") - 1
+        ):
+            return
+        BuildLog.objects.create(
+            build=build, level="warning",
+            message="The worker is shutting down (a restart or deploy): the build stopped at a safe point "
+            "and is queued again; it resumes from there.",
+        )  # fmt: skip
+        transaction.on_commit(lambda: run_build_task.delay(build.pk))
+
+
+def build_resume(*, build: Build) -> Build:
+    """Queue a timed-out build again; it continues from its last finished step and checkpoint."""
+    from .tasks import run_build_task
+
+    with transaction.atomic():
+        if Build.objects.filter(pk=build.pk, status=Build.Status.TIMED_OUT).update(
+            status=Build.Status.QUEUED, error="", ended_at=None, claimed_by=""
+        ):
+            BuildLog.objects.create(build=build, message="Resumed: queued to continue where it stopped.")
+            transaction.on_commit(lambda: run_build_task.delay(build.pk))
+    build.refresh_from_db()
+    return build
+
+
+def builds_stop_for_shutdown(*, pids: set[int]) -> list[int]:
+    """Ask the builds that processes `pids` on this host are running to stop at their next safe
+    point and go back to the queue (called by a worker receiving SIGTERM for its pool)."""
+    host = socket.gethostname()
+    claimed = [f"{host}:{pid}" for pid in pids]
+    ids = list(
+        Build.objects.filter(status=Build.Status.RUNNING, claimed_by__in=claimed).values_list("pk", flat=True)
+    )
+    if ids:
+        Build.objects.filter(pk__in=ids, requeue_requested_at__isnull=True).update(
+            requeue_requested_at=timezone.now()
+        )
+    return ids
 
 
 @dataclass(frozen=True)
@@ -406,7 +534,7 @@ def _build_requeue(build: Build) -> bool:
             _abandon_running_steps(build, BuildStep.Status.FAILED)
             BuildLog.objects.create(build=build, level="error", message=message)
         return False
-    if not same.update(status=Build.Status.QUEUED, claimed_by=""):
+    if not same.update(status=Build.Status.QUEUED, claimed_by="", requeue_requested_at=None):
         return False
     _abandon_running_steps(build, BuildStep.Status.PENDING)
     BuildLog.objects.create(

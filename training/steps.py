@@ -7,7 +7,9 @@ quantize, ...) register here; their heavy work lives in Django-free code under t
 from __future__ import annotations
 
 import shutil
+import threading
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -38,9 +40,26 @@ class BuildCancelled(Exception):
     """Raised inside a step when the user asked to cancel; the runner records it."""
 
 
+class BuildInterrupted(Exception):
+    """Raised inside a step that stopped at a safe point (its checkpoints written) for a reason
+    other than the user's: the worker is shutting down (SHUTDOWN: the build goes back to the
+    queue) or the build ran past its time limit (TIME_LIMIT: it ends as timed out)."""
+
+    SHUTDOWN = "shutdown"
+    TIME_LIMIT = "time limit"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class StepError(Exception):
     """A step that cannot go on for a reason the user can act on; the message is shown as is."""
 
+
+# Set in a worker's pool process that received SIGTERM (training.worker): its build stops at the
+# next safe point and goes back to the queue.
+SHUTDOWN_REQUESTED = threading.Event()
 
 # How often a step's progress reaches the database, and how often it re-reads the cancel flag.
 # Coarse on purpose: a step may call progress() thousands of times a second.
@@ -51,8 +70,11 @@ WRITE_EVERY_SECONDS = 1.0
 class StepContext:
     build: Build
     step: BuildStep
+    # time.monotonic() after which the build stops at its next safe point as timed out; None: never.
+    deadline: float | None = None
     _last_write: float = field(default=0.0, repr=False)
     _last_cancel_check: float = field(default=0.0, repr=False)
+    _reason: str | None = field(default=None, repr=False)
 
     @property
     def workdir(self) -> Path:
@@ -84,19 +106,49 @@ class StepContext:
         BuildLog.objects.create(build=self.build, level=level, message=message)
 
     def cancel_requested(self, *, force: bool = False) -> bool:
-        """Whether the user asked to stop. Cheap to call in a tight loop: reads at most once a second."""
+        """Whether the step should stop at this safe point: the user cancelled, the worker is
+        shutting down, or the time limit has passed. Cheap to call in a tight loop: reads the
+        database at most once a second. Every step's `should_stop` is this."""
         now = time.monotonic()
+        if self._reason is not None:
+            return True
+        if self.deadline is not None and now >= self.deadline:
+            self._reason = BuildInterrupted.TIME_LIMIT
+            return True
+        if SHUTDOWN_REQUESTED.is_set():
+            self._reason = BuildInterrupted.SHUTDOWN
+            return True
         if not force and now - self._last_cancel_check < WRITE_EVERY_SECONDS:
             return False
         self._last_cancel_check = now
-        return bool(
-            Build.objects.filter(pk=self.build.pk).values_list("cancel_requested_at", flat=True).first()
-        )
+        cancel, requeue = (
+            Build.objects.filter(pk=self.build.pk)
+            .values_list("cancel_requested_at", "requeue_requested_at")
+            .first()
+        ) or (None, None)
+        if cancel:
+            self._reason = "cancel"
+        elif requeue:
+            self._reason = BuildInterrupted.SHUTDOWN
+        return self._reason is not None
 
     def check_cancel(self, *, force: bool = False) -> None:
-        """Raise BuildCancelled if the user asked to stop."""
+        """Raise BuildCancelled or BuildInterrupted if the step should stop."""
         if self.cancel_requested(force=force):
-            raise BuildCancelled
+            self.raise_stopped()
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why cancel_requested last said stop: "cancel", BuildInterrupted.SHUTDOWN or .TIME_LIMIT."""
+        return self._reason
+
+    def raise_stopped(self) -> typing.NoReturn:
+        """Raise the exception for why the step stopped (after a loop's own stop exception)."""
+        if self._reason is None:
+            self.cancel_requested(force=True)
+        if self._reason in (BuildInterrupted.SHUTDOWN, BuildInterrupted.TIME_LIMIT):
+            raise BuildInterrupted(self._reason)
+        raise BuildCancelled
 
 
 StepRunner = Callable[[StepContext], dict]

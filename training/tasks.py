@@ -18,8 +18,10 @@ def _run_build_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type
     acks_late=True,
     ignore_result=True,
     on_failure=_run_build_failure,
-    soft_time_limit=settings.BUILD_TIME_LIMIT,
-    time_limit=settings.BUILD_TIME_LIMIT + 120,
+    # build_run stops a build at a safe point when BUILD_TIME_LIMIT passes; these only catch a
+    # step stuck where it cannot check (one long C call).
+    soft_time_limit=settings.BUILD_TIME_LIMIT + settings.BUILD_STOP_GRACE,
+    time_limit=settings.BUILD_TIME_LIMIT + 2 * settings.BUILD_STOP_GRACE,
 )
 def run_build_task(build_id: int) -> None:
     from .services import build_run

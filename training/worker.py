@@ -1,15 +1,27 @@
-"""Worker start-up: recover what a killed worker left behind, then keep checking.
+"""Worker start-up and shut-down: recover what a killed worker left behind, keep checking, and
+hand running builds back to the queue when the worker is told to stop.
 
 The embedded broker loses a message whose worker is killed (see FACTS.md), and Redis only
 redelivers after its visibility timeout; so recovery comes from our own job table.
+
+SIGTERM (a deploy or restart) must not cost a build its progress nor count as a failure. It
+reaches the worker in two ways, and both end the same way (the running step stops at its next
+safe point, a training step writes a checkpoint, and the build is queued again):
+- to the main process only (docker stop, Kubernetes): Celery's warm shutdown waits for running
+  tasks, so `_on_shutting_down` marks the builds its pool processes run (requeue_requested_at),
+  which their steps read within a second;
+- to every process of the worker (systemd, a terminal's Ctrl-C, honcho): a pool process would
+  die at once by default, so `_on_process_init` gives it a handler that raises the flag instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from django.conf import settings
 from django.db import connections
 
@@ -55,3 +67,34 @@ def _on_worker_ready(**kwargs: object) -> None:
 @worker_shutdown.connect
 def _on_worker_shutdown(**kwargs: object) -> None:
     _stop.set()
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(**kwargs: object) -> None:
+    import psutil
+
+    from .services import builds_stop_for_shutdown
+
+    me = psutil.Process()
+    pids = {me.pid} | {child.pid for child in me.children(recursive=True)}
+    try:
+        stopping = builds_stop_for_shutdown(pids=pids)
+        if stopping:
+            log.warning("shutting down: builds %s stop at their next safe point and are re-queued", stopping)
+    except Exception:  # a shutdown must go on even when the database cannot be reached
+        log.exception("could not hand running builds back to the queue")
+    finally:
+        connections.close_all()
+
+
+@worker_process_init.connect
+def _on_process_init(**kwargs: object) -> None:
+    from .steps import SHUTDOWN_REQUESTED
+
+    def terminate(signum: int, frame: object) -> None:
+        SHUTDOWN_REQUESTED.set()
+        # A second SIGTERM (the pool being terminated) ends the process as it would have.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, terminate)
+    log.debug("pool process %s: SIGTERM stops builds at a safe point", os.getpid())

@@ -472,6 +472,10 @@ class LoraResult:
     resumed_from: int | None  # step of the checkpoint it resumed from
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by a run with other data, model or settings: never resumed from."""
+
+
 class TrainingStopped(Exception):
     """should_stop() said stop; the last checkpoint was written first."""
 
@@ -806,9 +810,9 @@ class _Run:
     ) -> LoraResult:
         progress = _Progress()
         resumed_from = None
-        latest = _latest_checkpoint(self.checkpoints)
-        if latest is not None:
-            progress = self._load_checkpoint(latest)
+        loaded = self._resume()
+        if loaded is not None:
+            progress = loaded
             resumed_from = progress.step
         if self.distill is not None and progress.step < self.total_steps:
             # A stop while the teacher runs leaves self.teacher None; the checkpoint is written
@@ -1164,36 +1168,61 @@ class _Run:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def _resume(self) -> _Progress | None:
+        """The newest checkpoint that reads back whole, or None to start from step 0.
+
+        Checkpoints are written atomically, so a kill during a write leaves the previous one; but a
+        checkpoint can still go bad afterwards (a full disk that truncated a file, a disk error).
+        Such a one is moved aside (kept for inspection, never read again) and the one before it is
+        used: a few steps lost rather than the whole run."""
+        for path in reversed(_latest_checkpoints(self.checkpoints)):
+            try:
+                return self._load_checkpoint(path)
+            except CheckpointMismatch:
+                raise
+            except Exception as exc:  # unreadable in any way: torch, safetensors, json, missing keys
+                aside = path.with_name(f".unreadable-{path.name}-{uuid.uuid4().hex[:6]}")
+                logger.warning("Checkpoint %s is unreadable (%s); moved to %s.", path, exc, aside.name)
+                os.rename(path, aside)
+        return None
+
     def _load_checkpoint(self, path: Path) -> _Progress:
         import torch
         from safetensors.torch import load_file
 
+        # Everything is read before anything is applied: a file that fails to read leaves the
+        # model, optimizer and random state as they were, so an older checkpoint can be tried.
         state = json.loads((path / "state.json").read_text())
         if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint:
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"The checkpoint in {path} belongs to a run with other data, model or settings; "
                 "remove the checkpoints folder or use a new work folder to start over."
             )
         tensors = load_file(str(path / "trainable.safetensors"))
+        blob = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
         named = dict(self.model.named_parameters())
+        missing = sorted(set(tensors) - set(named))
+        if missing:
+            raise KeyError(f"the checkpoint holds weights this model lacks: {missing[:3]}")
+        history = [TrainPoint(**point) for point in state["history"]]
+        python_rng, numpy_rng = _tuples(state["python_rng"]), _numpy_state_from_json(state["numpy_rng"])
         with torch.no_grad():
             for name, value in tensors.items():
                 named[name].copy_(value)
-        blob = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"].cpu())
         if blob["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in blob["cuda_rng"]])
-        random.setstate(_tuples(state["python_rng"]))
-        np.random.set_state(_numpy_state_from_json(state["numpy_rng"]))
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
         return _Progress(
             step=state["step"],
             tokens=state["tokens"],
             seconds=state["seconds"],
             base_eval_loss=state["base_eval_loss"],
             base_evaluated=state["base_evaluated"],
-            history=[TrainPoint(**point) for point in state["history"]],
+            history=history,
         )
 
     # -- export -----------------------------------------------------------------------------
@@ -1614,12 +1643,12 @@ def _checkpoint_dirs(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    if folder.is_dir():  # leftovers of a write that was killed half-way
+def _latest_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first, after removing leftovers of a write killed half-way."""
+    if folder.is_dir():
         for leftover in folder.glob(".step-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-    found = _checkpoint_dirs(folder)
-    return found[-1] if found else None
+    return _checkpoint_dirs(folder)
 
 
 @contextlib.contextmanager
