@@ -320,6 +320,8 @@ AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_HTTP_RESPONSE_CODE = 429
 # Successful log-ins are not logged row by row (the table would only grow); failures are.
 AXES_DISABLE_ACCESS_LOG = True
+# No start-up banner on every management command (the CLI twins print JSON).
+AXES_VERBOSE = False
 
 # --- Production (SLM_PRODUCTION=1) ---------------------------------------------------------
 # The default is a local install opened over plain http (`make run`), so HTTPS-only settings are
@@ -330,7 +332,9 @@ if PRODUCTION:
     if not os.environ.get("SECRET_KEY"):
         # A generated key on a shared DATA_DIR works, but production secrets must be managed (and
         # rotated) by whoever runs the server, not appear silently in a data folder.
-        raise ImproperlyConfigured("SLM_PRODUCTION=1 needs SECRET_KEY in the environment (50+ random characters).")
+        raise ImproperlyConfigured(
+            "SLM_PRODUCTION=1 needs SECRET_KEY in the environment (50+ random characters)."
+        )
     if DEBUG:
         raise ImproperlyConfigured("SLM_PRODUCTION=1 cannot run with DEBUG on.")
     SESSION_COOKIE_SECURE = True

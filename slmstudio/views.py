@@ -14,7 +14,8 @@ def signup(request: HttpRequest) -> HttpResponse:
     form = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
-        login(request, user)
+        # Named because the log-in limiter (django-axes) is a second backend that logs no one in.
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("projects-home")
     return render(request, "registration/signup.html", {"form": form})
 
