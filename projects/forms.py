@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import forms
 
-from .models import InstructionPair, Membership
+from .models import InstructionPair, Membership, Project
 
 
 class ProjectForm(forms.Form):
@@ -17,6 +17,27 @@ class ProjectForm(forms.Form):
 class InviteForm(forms.Form):
     username = forms.CharField(max_length=150, help_text="The person must already have an account.")
     role = forms.ChoiceField(choices=Membership.Role.choices, initial=Membership.Role.MEMBER)
+
+
+class ProjectDeleteForm(forms.Form):
+    """Deleting a project is confirmed by typing its name, so a stray click cannot do it."""
+
+    name = forms.CharField(
+        max_length=120, label="Project name", widget=forms.TextInput(attrs={"autocomplete": "off"})
+    )
+
+    def __init__(self, *args: object, project: Project, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.project = project
+        self.fields["name"].help_text = f"Type “{project.name}” to confirm."
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"].strip()
+        if name != self.project.name:
+            raise forms.ValidationError(
+                f"That is not the project's name. Type “{self.project.name}” exactly to delete it."
+            )
+        return name
 
 
 class PairForm(forms.ModelForm):

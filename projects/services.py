@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -101,6 +102,63 @@ def membership_remove(*, project: Project, actor: AbstractBaseUser, membership: 
     ):
         raise ValidationError("A project needs at least one owner.")
     membership.delete()
+
+
+# Jobs that write into a project's rows and folders while they run. projects imports nothing from
+# training (dependencies point one way), so it reaches them through the reverse relations training
+# declares, and asks each job model for its own TERMINAL statuses.
+# (relation, what a job is called, the page where it is cancelled)
+_PROJECT_JOBS = (("builds", "build", "Builds"), ("generation_runs", "pair generation", "Teachers"))
+
+
+def _unfinished_jobs(project: Project) -> list[tuple[int, str, str]]:
+    found = []
+    for relation, label, page in _PROJECT_JOBS:
+        jobs = getattr(project, relation)
+        n = jobs.exclude(status__in=jobs.model.TERMINAL).count()
+        if n:
+            found.append((n, f"{n} {label}{'s' if n != 1 else ''}", page))
+    return found
+
+
+def _remove_folder(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # The rows are gone already; say where the files were so an administrator can remove them.
+        log.exception("project deleted, but its folder %s could not be removed", path)
+
+
+@transaction.atomic
+def project_delete(*, project: Project, actor: AbstractBaseUser | None) -> None:
+    """Delete a project and everything in it: its rows (documents, pairs, builds, model versions,
+    conversations, teachers, recipes) and its files (the project's folder and its builds' folders).
+
+    Owners only; `actor=None` is the server's operator (the `deleteproject` command), who holds the
+    files anyway. Refused while a build or a pair generation is queued or running, because it would
+    go on writing into what is being deleted: the user cancels it first.
+    """
+    if actor is not None and membership_role(project=project, user=actor) != Membership.Role.OWNER:
+        raise PermissionDenied("Only a project owner can delete the project.")
+    unfinished = _unfinished_jobs(project)
+    if unfinished:
+        them = "it" if sum(n for n, _, _ in unfinished) == 1 else "them"
+        pages = " and ".join(page for _, _, page in unfinished)
+        raise ValidationError(
+            f"This project still has {' and '.join(text for _, text, _ in unfinished)} queued or running. "
+            f"Cancel {them} on the {pages} page{'s' if len(unfinished) > 1 else ''} first, "
+            "then delete the project."
+        )
+    # Build folders are DATA_DIR/builds/<build id> (training.steps.StepContext.workdir).
+    builds_root = Path(settings.DATA_DIR) / "builds"
+    folders = [project.data_dir] + [
+        builds_root / str(pk) for pk in project.builds.values_list("pk", flat=True)
+    ]
+    project.delete()
+    # Files go once the rows are committed: a failed delete must not leave rows without their files.
+    transaction.on_commit(lambda: [_remove_folder(folder) for folder in folders])
 
 
 # --- Documents -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ urlpatterns = [
     path("p/<slug:slug>/", views.project_detail, name="projects-detail"),
     path("p/<slug:slug>/members/", views.members, name="projects-members"),
     path("p/<slug:slug>/members/<int:pk>/remove/", views.member_remove, name="projects-member-remove"),
+    path("p/<slug:slug>/delete/", views.project_delete, name="projects-delete"),
     path("p/<slug:slug>/documents/", views.documents, name="projects-documents"),
     path("p/<slug:slug>/documents/upload/", views.documents_upload, name="projects-documents-upload"),
     path("p/<slug:slug>/documents/<int:pk>/", views.document_detail, name="projects-document"),

@@ -15,7 +15,7 @@ from django_htmx.http import HTMX_STOP_POLLING
 from slmstudio.http import AuthenticatedRequest
 
 from . import services
-from .forms import InviteForm, PairForm, PairImportForm, ProjectForm
+from .forms import InviteForm, PairForm, PairImportForm, ProjectDeleteForm, ProjectForm
 from .http import project_context, project_or_404
 from .models import Document, InstructionPair, Membership, Project
 
@@ -64,6 +64,22 @@ def project_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     return render(request, "projects/project_detail.html", context)
 
 
+def _members_page(
+    request: AuthenticatedRequest,
+    project: Project,
+    *,
+    form: InviteForm | None = None,
+    delete_form: ProjectDeleteForm | None = None,
+    status: int = 200,
+) -> HttpResponse:
+    context = project_context(request, project, "members") | {
+        "form": form or InviteForm(),
+        "delete_form": delete_form or ProjectDeleteForm(project=project),
+        "memberships": project.memberships.select_related("user").order_by("role", "user__username"),
+    }
+    return render(request, "projects/members.html", context, status=status)
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def members(request: AuthenticatedRequest, slug: str) -> HttpResponse:
@@ -77,11 +93,26 @@ def members(request: AuthenticatedRequest, slug: str) -> HttpResponse:
         else:
             messages.success(request, f"{membership.user.get_username()} can now open this project.")
             return redirect("projects-members", slug=project.slug)
-    context = project_context(request, project, "members") | {
-        "form": form,
-        "memberships": project.memberships.select_related("user").order_by("role", "user__username"),
-    }
-    return render(request, "projects/members.html", context)
+    return _members_page(request, project, form=form)
+
+
+@login_required
+@require_POST
+def project_delete(request: AuthenticatedRequest, slug: str) -> HttpResponse:
+    project = project_or_404(request, slug)
+    # Before the form, so a member gets the same 403 whatever they typed.
+    if services.membership_role(project=project, user=request.user) != Membership.Role.OWNER:
+        raise PermissionDenied("Only a project owner can delete the project.")
+    form = ProjectDeleteForm(request.POST, project=project)
+    if form.is_valid():
+        try:
+            services.project_delete(project=project, actor=request.user)
+        except ValidationError as exc:
+            form.add_error(None, exc)
+        else:
+            messages.success(request, f"“{form.project.name}” was deleted, with all its data and files.")
+            return redirect("projects-home")
+    return _members_page(request, project, delete_form=form, status=400)
 
 
 @login_required
