@@ -26,7 +26,9 @@ CONVERSATION_KEYS = ("messages", "conversations")
 USER_ROLES = frozenset({"user", "human"})
 ASSISTANT_ROLES = frozenset({"assistant", "gpt"})
 
-NOT_UTF8 = "The file is not UTF-8 text; save it as UTF-8 and import again."
+# A JSONL line longer than this many times max_chars cannot hold a pair within the limits (three
+# fields, JSON escapes, a few extra keys); it is refused before json.loads builds a tree of it.
+LINE_CHARS_PER_FIELD_LIMIT = 50
 
 # json.loads turns a "\u0000" or lone "\ud800" escape into a real character; PostgreSQL text
 # cannot hold NUL and a lone surrogate cannot be encoded as UTF-8, so such rows are refused here
@@ -86,7 +88,7 @@ def read_pairs(
     The format comes from the extension (.jsonl/.ndjson/.json/.csv/.tsv), else from the content.
     """
     try:
-        items = _read_items(_decode(data), filename)
+        items = _read_items(_decode(data), filename, max_line_chars=LINE_CHARS_PER_FIELD_LIMIT * max_chars)
     except PairFormatError as exc:
         return PairImport(pairs=[], rejected=[], file_error=str(exc))
 
@@ -146,31 +148,47 @@ def pairs_to_jsonl(rows: Iterable[Mapping[str, str]]) -> str:
 
 def _decode(data: bytes) -> str:
     # Excel's "Unicode text" export is UTF-16; name it, since "binary" would puzzle the user.
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or _looks_like_utf16(data):
         raise PairFormatError("The file is UTF-16 text; save it as UTF-8 and import again.")
     if b"\x00" in data:
+        line = data[: data.index(b"\x00")].count(b"\n") + 1
         raise PairFormatError(
-            "The file contains NUL bytes, so it is not text; "
+            f"The file contains NUL bytes (first on line {line:,}), so it is not text; "
             "export it as UTF-8 CSV or JSONL and import again."
         )
     try:
         # No fallback to latin-1: it never fails, so it would silently garble non-UTF-8 text.
         text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise PairFormatError(NOT_UTF8) from None
+    except UnicodeDecodeError as exc:
+        # Name the first bad line: in a file mixing encodings the rest may well be fine.
+        line = data[: exc.start].count(b"\n") + 1
+        raise PairFormatError(
+            f"Line {line:,} is not UTF-8 text (byte 0x{data[exc.start]:02X}); the file may be in another "
+            "encoding such as Windows-1252 or Latin-1, or mix several. Save it as UTF-8 and import again."
+        ) from None
     if not text.strip():
         raise PairFormatError("The file is empty.")
     return text
 
 
-def _read_items(text: str, filename: str) -> list[_Item]:
+def _looks_like_utf16(data: bytes) -> bool:
+    """UTF-16 without a byte-order mark: mostly-ASCII text has a NUL in every other byte."""
+    sample = data[:4096]
+    even, odd = sample[0::2], sample[1::2]
+    return len(sample) >= 16 and any(
+        zeros.count(0) >= 0.9 * len(zeros) and other.count(0) == 0
+        for zeros, other in ((odd, even), (even, odd))
+    )
+
+
+def _read_items(text: str, filename: str, *, max_line_chars: int) -> list[_Item]:
     extension = os.path.splitext(filename.lower())[1]
     first_char = text.lstrip()[:1]
     if extension in (".jsonl", ".ndjson", ".json") or (
         extension not in (".csv", ".tsv") and first_char in ("{", "[")
     ):
         # Many ".json" exports are really JSONL, so the content decides array versus lines.
-        items = _json_array_items(text) if first_char == "[" else _jsonl_items(text)
+        items = _json_array_items(text) if first_char == "[" else _jsonl_items(text, max_line_chars)
     else:
         items = _csv_items(text, "\t" if extension == ".tsv" else ",")
     if not items:
@@ -181,16 +199,23 @@ def _read_items(text: str, filename: str) -> list[_Item]:
 # --- JSON ------------------------------------------------------------------------------------
 
 
-def _jsonl_items(text: str) -> list[_Item]:
+def _jsonl_items(text: str, max_line_chars: int) -> list[_Item]:
     items: list[_Item] = []
     # split("\n") rather than splitlines(): JSON strings may hold raw U+2028 and friends.
     for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
+        if len(raw) > max_line_chars:
+            items.append(
+                RowError(number, f"line is {len(raw):,} characters long; the limit is {max_line_chars:,}")
+            )
+            continue
         try:
             items.append((number, json.loads(raw)))
         except json.JSONDecodeError as exc:
             items.append(RowError(number, f"not valid JSON: {exc.msg} at column {exc.colno}"))
+        except RecursionError:
+            items.append(RowError(number, "nested too deeply to be a pair"))
     # One bad line is a rejected row; when none parses, the file is simply not JSONL.
     errors = [item for item in items if isinstance(item, RowError)]
     if len(errors) == len(items):
@@ -208,6 +233,8 @@ def _json_array_items(text: str) -> list[_Item]:
         raise PairFormatError(
             f"This is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}."
         ) from None
+    except RecursionError:
+        raise PairFormatError("This JSON is nested too deeply to be a list of pairs.") from None
     if not isinstance(value, list):
         raise PairFormatError(f"Expected a JSON array of pairs, got {_describe(value)}.")
     # A JSON array has no useful line numbers; the 1-based position is what users can find.
@@ -235,7 +262,13 @@ def _csv_items(text: str, preferred_delimiter: str) -> list[_Item]:
             else:
                 items.append((line, dict(zip(header, row, strict=False))))
     except csv.Error as exc:
-        raise PairFormatError(f"The CSV file cannot be read at line {reader.line_num}: {exc}.") from None
+        if "field limit" in str(exc):
+            raise PairFormatError(
+                f"A row of the CSV file is larger than {csv.field_size_limit():,} characters (at line "
+                f"{reader.line_num:,}); usually a quote left open swallows the rest of the file. "
+                "Check that row, save the file again and import it."
+            ) from None
+        raise PairFormatError(f"The CSV file cannot be read at line {reader.line_num:,}: {exc}.") from None
     return items
 
 
@@ -244,7 +277,10 @@ def _pick_delimiter(text: str, preferred: str) -> str:
     # take the first delimiter whose header names both required columns.
     header_line = next(line for line in text.splitlines() if line.strip())
     for delimiter in dict.fromkeys((preferred, ",", "\t", ";")):
-        cells = next(csv.reader([header_line], delimiter=delimiter))
+        try:
+            cells = next(csv.reader([header_line], delimiter=delimiter))
+        except csv.Error:
+            continue  # reading the whole file with this delimiter reports it, with its line
         if not _missing_columns([_normalise_name(cell) for cell in cells]):
             return delimiter
     return preferred

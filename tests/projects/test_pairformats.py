@@ -9,7 +9,6 @@ import random
 import pytest
 
 from projects.pairformats import (
-    NOT_UTF8,
     PairData,
     PairImport,
     RowError,
@@ -311,8 +310,10 @@ def test_utf8_bom_is_accepted() -> None:
 
 def test_non_utf8_is_a_file_error_not_a_guess() -> None:
     data = "instruction,response\nCafé,résumé\n".encode("cp1252")
-    assert read(data, "pairs.csv").file_error == NOT_UTF8
-    assert NOT_UTF8 == "The file is not UTF-8 text; save it as UTF-8 and import again."
+    assert read(data, "pairs.csv").file_error == (
+        "Line 2 is not UTF-8 text (byte 0xE9); the file may be in another encoding such as "
+        "Windows-1252 or Latin-1, or mix several. Save it as UTF-8 and import again."
+    )
 
 
 def test_utf16_is_named() -> None:
