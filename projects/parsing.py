@@ -14,9 +14,15 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import json
+import logging
 import math
 import posixpath
 import re
+import signal
+import subprocess
+import sys
+import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -36,16 +42,18 @@ from docx.text.paragraph import Paragraph
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from pypdf import PageObject, PasswordType, PdfReader
-from pypdf.errors import DependencyError, PyPdfError
+from pypdf.errors import DependencyError, LimitReachedError, PyPdfError
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "ParseError",
     "ParseLimits",
+    "ParseTimeout",
     "ParsedDocument",
     "Section",
     "detect_kind",
     "parse_file",
+    "parse_file_isolated",
 ]
 
 
@@ -110,6 +118,10 @@ class ParsedDocument:
 
 class ParseError(Exception):
     """Message is shown to a non-technical user as is: say what is wrong and what to do."""
+
+
+class ParseTimeout(ParseError):
+    """The child process reading the file ran out of time; the file may be hostile or just slow."""
 
 
 @dataclass(frozen=True)
@@ -243,7 +255,7 @@ def parse_file(path: Path, filename: str, *, limits: ParseLimits = _DEFAULT_LIMI
     kind = detect_kind(head, filename)
     try:
         document = _PARSERS[kind](path, stem, limits)
-    except ParseError:
+    except (ParseError, MemoryError):
         raise
     except Exception as exc:
         # Damaged files make the libraries fail in endless ways; the user only needs to know it failed.
@@ -258,6 +270,113 @@ def parse_file(path: Path, filename: str, *, limits: ParseLimits = _DEFAULT_LIMI
     if document.char_count > limits.max_chars:
         raise ParseError(_too_much_text(limits))
     return document
+
+
+# Kinds whose parser follows the file's own structure (a PDF's object graph, filters and content
+# streams), so a small hostile file can cost unbounded time and memory: a 10 KB PDF of nested
+# deflate streams kept pypdf busy for two minutes and 1.3 GB. The other kinds are bounded by the
+# size and zip checks below, so they stay in-process (a child costs about 0.3 s of imports).
+ISOLATED_KINDS = frozenset({"pdf"})
+_CHILD_MAIN = (
+    "import importlib, json, sys; request = json.load(sys.stdin); sys.path[:] = request['sys_path']; "
+    "importlib.import_module(request['module'])._parse_in_child(request)"
+)
+_STDERR_KEPT = 2000  # characters of a crashed child's stderr kept for the log
+
+
+def parse_file_isolated(
+    path: Path,
+    filename: str,
+    *,
+    limits: ParseLimits = _DEFAULT_LIMITS,
+    timeout_seconds: float = 300.0,
+    memory_bytes: int = 1024 * 1024 * 1024,
+) -> ParsedDocument:
+    """parse_file, with the kinds in ISOLATED_KINDS read in a child process limited in wall-clock
+    time, CPU time and address space: a hostile file costs at most that, never the caller's memory
+    or the caller itself. Raises ParseTimeout when the time runs out."""
+    with path.open("rb") as stream:
+        head = stream.read(_HEAD_BYTES)
+    try:
+        kind = detect_kind(head, filename)
+    except ParseError:
+        kind = ""  # parse_file raises the same error
+    if kind not in ISOLATED_KINDS:
+        return parse_file(path, filename, limits=limits)
+    request = {
+        "module": __name__,
+        "sys_path": sys.path,
+        "path": str(path),
+        "filename": filename,
+        "limits": asdict(limits),
+        "memory_bytes": memory_bytes,
+        "cpu_seconds": math.ceil(timeout_seconds),
+    }
+    label = _LABELS[kind]
+    too_slow = ParseTimeout(
+        f"Reading this {label} took longer than {timeout_seconds:g} seconds, so it was stopped. It may be "
+        "malformed or malicious, or just very large: split it into smaller files, or print it to a new "
+        f"{label}, and upload that."
+    )
+    try:
+        # -I: no user site-packages or PYTHON* variables; the parent's sys.path comes with the request.
+        child = subprocess.run(
+            [sys.executable, "-I", "-c", _CHILD_MAIN],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=timeout_seconds,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:  # run() has killed and reaped the child
+        raise too_slow from None
+    if child.returncode == -signal.SIGXCPU:
+        raise too_slow
+    try:
+        reply = json.loads(child.stdout) if child.returncode == 0 else {}
+    except ValueError:
+        reply = {}
+    if "document" in reply:
+        return ParsedDocument.from_dict(reply["document"])
+    if "error" in reply:
+        raise ParseError(reply["error"])
+    if "memory" in reply:
+        raise ParseError(
+            f"Reading this {label} needed more than {memory_bytes // (1024 * 1024):,} MB of memory, so it was "
+            "stopped. It may be malformed or malicious, or just very large: split it into smaller files "
+            "and upload those."
+        )
+    stderr = child.stderr.decode("utf-8", "replace")[-_STDERR_KEPT:]
+    raise ParseError(
+        f"We could not read this {label}; it may be damaged. Open it, save it again "
+        "(or export it to a new file) and upload the new copy."
+    ) from ChildProcessError(f"parser exited with {child.returncode}: {stderr}")
+
+
+def _parse_in_child(request: dict[str, Any]) -> None:
+    """The child's side of parse_file_isolated: limit itself, parse, print one JSON reply."""
+    import resource
+
+    def lower(limit: int, value: int) -> None:
+        _, hard = resource.getrlimit(limit)  # a container may have set a lower one already
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(limit, (value, hard))
+
+    lower(resource.RLIMIT_AS, request["memory_bytes"])
+    # The parent's timeout kills the child first; this ends it even if the parent dies before.
+    lower(resource.RLIMIT_CPU, request["cpu_seconds"])
+    # A broken PDF makes pypdf log a warning per object; nobody reads them here.
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    try:
+        document = parse_file(
+            Path(request["path"]), request["filename"], limits=ParseLimits(**request["limits"])
+        )
+        reply: dict[str, Any] = {"document": document.to_dict()}
+    except ParseError as exc:
+        reply = {"error": str(exc)}
+    except MemoryError:
+        reply = {"memory": True}
+    sys.stdout.write(json.dumps(reply))
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,11 +446,16 @@ def _decode(data: bytes, *, partial: bool = False) -> str:
         if data.startswith(bom):
             return codecs.getincrementaldecoder(encoding)("replace").decode(data, final=not partial)
     if b"\x00" in data:
+        if _looks_like_bomless_utf16(data):
+            raise ParseError(
+                "This file is UTF-16 text without a byte-order mark, so its encoding cannot be told "
+                "for sure. Save it as UTF-8 (in Notepad: Save As, Encoding: UTF-8) and upload it again."
+            )
         raise ParseError(_not_text())
     try:
         return codecs.getincrementaldecoder("utf-8")().decode(data, final=not partial)
-    except UnicodeDecodeError:
-        pass
+    except UnicodeDecodeError as exc:
+        _refuse_mixed_encodings(data, exc)
     matches = charset_normalizer.from_bytes(data)
     best = matches.best()
     if best is None:
@@ -342,6 +466,37 @@ def _decode(data: bytes, *, partial: bool = False) -> str:
     if western is not None and western.chaos <= best.chaos + _WESTERN_CHAOS_MARGIN:
         return str(western)
     return str(best)
+
+
+_UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
+
+
+def _refuse_mixed_encodings(data: bytes, exc: UnicodeDecodeError) -> None:
+    """Refuse UTF-8 text with lines in another encoding: any single guess would garble one part.
+
+    A legacy-encoded file (Windows-1252, Latin-1...) almost never holds valid UTF-8 sequences, while
+    nearly every accented letter in it is an invalid one; a file with at least as many valid
+    sequences as invalid bytes is UTF-8 with something else pasted in.
+    """
+    valid = len(_UTF8_MULTIBYTE.findall(data))
+    invalid = data.decode("utf-8", "replace").count("\ufffd") - data.count("\ufffd".encode())
+    if valid and valid >= invalid:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ParseError(
+            f"Line {line:,} of this file is not UTF-8 text, while the rest of it is: the file mixes text "
+            "encodings, and reading it either way would garble part of it. Open it, save it as UTF-8 "
+            "and upload it again."
+        )
+
+
+def _looks_like_bomless_utf16(data: bytes) -> bool:
+    """Mostly-ASCII text in UTF-16 has a NUL in every other byte, and nowhere else."""
+    sample = data[:4096]
+    even, odd = sample[0::2], sample[1::2]
+    for zeros, other in ((odd, even), (even, odd)):
+        if len(zeros) >= 8 and zeros.count(0) >= 0.9 * len(zeros) and other.count(0) == 0:
+            return True
+    return False
 
 
 def _refuse_binary(text: str) -> None:
@@ -470,7 +625,10 @@ _PLACEHOLDER_PDF_TITLE = re.compile(
 
 def _parse_pdf(path: Path, stem: str, limits: ParseLimits) -> ParsedDocument:
     reader = _open_pdf(path)
-    page_count = len(reader.pages)
+    try:
+        page_count = len(reader.pages)
+    except LimitReachedError as exc:
+        raise _pdf_over_limit(exc) from exc
     if page_count == 0:
         raise ParseError("This PDF has no pages; it may be damaged. Please upload the original document.")
     if page_count > limits.max_pdf_pages:
@@ -493,6 +651,8 @@ def _open_pdf(path: Path) -> PdfReader:
     try:
         reader = PdfReader(path, strict=False)
         locked = reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED
+    except LimitReachedError as exc:
+        raise _pdf_over_limit(exc) from exc
     except DependencyError as exc:
         raise ParseError(
             "This PDF is encrypted with a method we cannot open. Remove its protection "
@@ -511,6 +671,15 @@ def _open_pdf(path: Path) -> PdfReader:
     return reader
 
 
+def _pdf_over_limit(exc: LimitReachedError) -> ParseError:
+    # pypdf caps what one stream may inflate to and how many entries a page tree or array may
+    # hold; real documents stay far below, decompression bombs and page-tree loops do not.
+    return ParseError(
+        f"This PDF looks malformed or malicious ({exc}). It was not read. If it is a genuine document, "
+        "print it to a new PDF (or export it again from the program that made it) and upload that copy."
+    )
+
+
 def _pdf_metadata_title(reader: PdfReader) -> str | None:
     try:
         metadata = reader.metadata
@@ -527,6 +696,11 @@ def _extract_pdf_lines(reader: PdfReader, limits: ParseLimits) -> list[list[_Pdf
     for page in reader.pages:
         try:
             lines = _pdf_page_lines(page)
+        except LimitReachedError as exc:
+            # Not a damaged page but a hostile one: the next pages would only repeat the work.
+            raise _pdf_over_limit(exc) from exc
+        except MemoryError:
+            raise
         except Exception:
             # One unreadable page (a broken font, a bad stream) should not cost the whole document.
             failures += 1
@@ -950,12 +1124,19 @@ def _parse_text(path: Path, stem: str, limits: ParseLimits) -> ParsedDocument:
 
 def _parse_csv(path: Path, stem: str, limits: ParseLimits) -> ParsedDocument:
     text = _read_text(path, limits)
+    rows = csv.reader(io.StringIO(text, newline=""), _sniff_dialect(text))
     try:
-        lines = list(_csv_lines(text))
+        lines = list(_csv_lines(rows))
     except csv.Error as exc:
+        if "field limit" in str(exc):
+            raise ParseError(
+                f"A row of this CSV file is larger than {csv.field_size_limit():,} characters (at line "
+                f"{rows.line_num:,}). Usually a quote left open swallows the rest of the file: check that "
+                "row in a spreadsheet, save the file again as CSV and upload the new copy."
+            ) from exc
         raise ParseError(
-            "This CSV file is malformed. Check that it opens correctly in a spreadsheet, "
-            "save it again as CSV and upload the new copy."
+            f"This CSV file is malformed (line {rows.line_num:,}: {exc}). Check that it opens correctly "
+            "in a spreadsheet, save it again as CSV and upload the new copy."
         ) from exc
     if not lines:
         raise ParseError("This CSV file has no data rows under its header row.")
@@ -966,9 +1147,8 @@ def _parse_csv(path: Path, stem: str, limits: ParseLimits) -> ParsedDocument:
     return ParsedDocument("csv", stem or "Untitled table", sections, None)
 
 
-def _csv_lines(text: str) -> Iterator[str]:
+def _csv_lines(rows: Iterator[list[str]]) -> Iterator[str]:
     """Render each data row as "column: value; column: value", skipping empty cells."""
-    rows = csv.reader(io.StringIO(text, newline=""), _sniff_dialect(text))
     header: list[str] | None = None
     for row in rows:
         cells = [_one_line(cell) for cell in row]
@@ -985,9 +1165,13 @@ def _csv_lines(text: str) -> Iterator[str]:
         yield "; ".join(pairs)
 
 
+# The Sniffer's quote regex is quadratic in the sample: 64 KB of `,"` took 27 s, 8 KB takes 0.4 s.
+_CSV_SNIFF_CHARS = 8192
+
+
 def _sniff_dialect(text: str) -> type[csv.Dialect]:
     # Sniff whole lines only: a row cut in the middle misleads the quote detection.
-    sample = text[:65536]
+    sample = text[:_CSV_SNIFF_CHARS]
     if len(text) > len(sample) and "\n" in sample:
         sample = sample[: sample.rindex("\n")]
     try:

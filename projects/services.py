@@ -30,7 +30,7 @@ from slmstudio.lib.workers import worker_id, worker_is_dead
 
 from . import pairformats
 from .models import Document, InstructionPair, Membership, Project
-from .parsing import SUPPORTED_EXTENSIONS, ParsedDocument, ParseError, parse_file
+from .parsing import SUPPORTED_EXTENSIONS, ParsedDocument, ParseError, ParseTimeout, parse_file_isolated
 
 log = logging.getLogger(__name__)
 
@@ -223,21 +223,38 @@ def too_big_message(name: str) -> str:
     return f"{shown} is larger than the {limit_mb} MB limit per file. Split it or compress images, then upload it again."
 
 
+# Bounds on reading one document (PDFs are read in a child process; see parse_file_isolated).
+# Inline parses run inside the upload request, so they get a short budget and a file that needs
+# more goes to a worker instead of failing; the worker's budget stays under the task time limit.
+PARSE_SECONDS = 300
+PARSE_INLINE_SECONDS = 10
+PARSE_MEMORY_BYTES = 1024 * 1024 * 1024
+
+
 def document_schedule_parse(*, document: Document) -> None:
-    """Parse small files now, so the user sees the result at once; hand larger ones to a worker."""
+    """Parse small files now, so the user sees the result at once; hand larger or slow ones to a worker."""
     if document.size <= settings.PARSE_INLINE_MAX_BYTES:
-        document_parse(document_id=document.pk)
+        document_parse(document_id=document.pk, timeout_seconds=PARSE_INLINE_SECONDS, hand_off_slow=True)
         document.refresh_from_db()
-    else:
-        from .tasks import parse_document_task
+        if document.status != Document.Status.PENDING:
+            return
+    from .tasks import parse_document_task
 
-        parse_document_task.delay_on_commit(document.pk)
+    parse_document_task.delay_on_commit(document.pk)
 
 
-def document_parse(*, document_id: int, force: bool = False) -> Document | None:
+def document_parse(
+    *,
+    document_id: int,
+    force: bool = False,
+    timeout_seconds: float | None = None,
+    hand_off_slow: bool = False,
+) -> Document | None:
     """Parse one document and record the result. Returns None when someone else has it.
 
-    The row is claimed with a conditional UPDATE so a task delivered twice parses once.
+    The row is claimed with a conditional UPDATE so a task delivered twice parses once. With
+    hand_off_slow, a parse that runs out of time puts the row back to pending (and returns None)
+    rather than failing it, so a worker can try with the full budget.
     """
     claimable = [Document.Status.PENDING] + ([Document.Status.FAILED] if force else [])
     claimed = Document.objects.filter(pk=document_id, status__in=claimable).update(
@@ -247,7 +264,19 @@ def document_parse(*, document_id: int, force: bool = False) -> Document | None:
         return None
     document = Document.objects.select_related("project").get(pk=document_id)
     try:
-        parsed = parse_file(document.file_path, document.original_name)
+        parsed = parse_file_isolated(
+            document.file_path,
+            document.original_name,
+            timeout_seconds=PARSE_SECONDS if timeout_seconds is None else timeout_seconds,
+            memory_bytes=PARSE_MEMORY_BYTES,
+        )
+    except ParseTimeout as exc:
+        if hand_off_slow:
+            Document.objects.filter(pk=document.pk, status=Document.Status.PARSING).update(
+                status=Document.Status.PENDING
+            )
+            return None
+        return _document_failed(document, str(exc))
     except ParseError as exc:
         return _document_failed(document, str(exc))
     except MemoryError:
@@ -299,7 +328,9 @@ def document_delete(*, document: Document) -> None:
 
 def documents_reset_stale(*, documents: QuerySet[Document], stale_after: timedelta) -> int:
     """Hand parses whose process died (or that ran past `stale_after`) back to "pending"."""
-    cutoff = timezone.now() - stale_after
+    # A parse within its own time limit may just be slow (its worker, on another host, cannot be
+    # checked): only one older than that limit is surely lost.
+    cutoff = timezone.now() - max(stale_after, timedelta(seconds=PARSE_SECONDS + 60))
     reset = 0
     for doc in documents.filter(status=Document.Status.PARSING).only("parse_started_at", "parsing_by"):
         started = doc.parse_started_at
