@@ -27,6 +27,7 @@ from projects.services import document_parsed, pair_create
 from slmstudio.lib import crypto
 from slmstudio.lib.workers import worker_id
 
+from .ml import base_models
 from .models import GenerationRun, Teacher
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,29 @@ def teacher_add(
         elif local.is_file() and local.suffix == ".gguf":
             teacher.kind = Teacher.Kind.GGUF
         else:
+            _refuse_pickles(local)  # a pickle is named as such, not just as the wrong kind of file
             raise ValidationError(
                 f"{path} is neither a folder with .safetensors weights nor a .gguf file on this server."
             )
+        _check_teacher_model(local)
         teacher.path = str(local)
     teacher.save()
     return teacher
+
+
+def _check_teacher_model(path: Path) -> None:
+    """Refuse pickles and malformed model files when the teacher is added, not when a job loads it."""
+    try:
+        base_models.inspect_model(path)
+    except (base_models.UnsafeModelFile, base_models.ModelUnavailable) as exc:
+        raise ValidationError(str(exc)) from None
+
+
+def _refuse_pickles(path: Path) -> None:
+    try:
+        base_models.refuse_pickles(path)
+    except base_models.UnsafeModelFile as exc:
+        raise ValidationError(str(exc)) from None
 
 
 @contextmanager

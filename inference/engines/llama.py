@@ -32,6 +32,7 @@ import llama_cpp  # noqa: E402
 import llama_cpp.llama_cpp as llama_lib  # noqa: E402
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
+from training.ml.base_models import read_gguf_header  # noqa: E402
 from training.ml.llamacpp import without_extra_buffer_types  # noqa: E402
 
 # For GGUFs whose metadata carries no chat template: the ChatML of the SmolLM2 family we ship.
@@ -94,6 +95,9 @@ class LlamaEngine:
         n_threads: int | None = None,
         lora_path: Path | None = None,
     ) -> None:
+        # Refuses a malformed or hostile header (MalformedModelFile, a ValueError like llama.cpp's
+        # own load failure) with a message that names the problem, before llama.cpp parses it.
+        read_gguf_header(gguf_path)
         cores = os.cpu_count() or 1
         with without_extra_buffer_types():
             self._llm = llama_cpp.Llama(

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from gguf import GGUFReader
 
 __all__ = [
+    "GgufHeader",
+    "MalformedModelFile",
     "ModelInfo",
     "ModelUnavailable",
     "UnsafeModelFile",
@@ -51,6 +54,7 @@ __all__ = [
     "download_hub_model",
     "inspect_model",
     "load_causal_lm",
+    "read_gguf_header",
     "refuse_pickles",
 ]
 
@@ -83,6 +87,12 @@ class UnsafeModelFile(Exception):
 
 class ModelUnavailable(Exception):
     """The model cannot be reached or is incomplete: a hub id while offline, missing files."""
+
+
+class MalformedModelFile(ModelUnavailable, ValueError):
+    """The file's structure is broken or hostile, e.g. a GGUF header claiming more than the file
+    holds. A ValueError too, like llama-cpp-python's own load failure, so callers catching that
+    catch this."""
 
 
 @dataclass(frozen=True)
@@ -162,11 +172,33 @@ def _safetensors_files(folder: Path) -> list[Path]:
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor shapes from a safetensors file's JSON header (8-byte length, then the JSON)."""
     with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > 100 * 1024**2:
-            raise ModelUnavailable(f"{path.name} is not a valid safetensors file (header of {length} bytes).")
-        header = json.loads(handle.read(length))
-    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= min(100 * 1024**2, path.stat().st_size - 8):
+            raise MalformedModelFile(f"{path.name} is not a valid safetensors file (no header of that size).")
+        header = _json_object(handle.read(length), path.name)
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise MalformedModelFile(
+                f"{path.name} is not a valid safetensors file ({name!r} has no valid shape)."
+            )
+        shapes[name] = shape
+    return shapes
+
+
+def _json_object(raw: bytes | str, name: str) -> dict:
+    """A JSON object from a model file; MalformedModelFile for anything else."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        value = None
+    if not isinstance(value, dict):
+        raise MalformedModelFile(f"{name} is not a valid JSON object, so the model cannot be described.")
+    return value
 
 
 def _first(config: dict, *keys: str) -> Any:
@@ -183,8 +215,9 @@ def _inspect_folder(folder: Path) -> ModelInfo:
     weights = _safetensors_files(folder)
     if not weights:
         raise ModelUnavailable(f"{folder.name} has no .safetensors weights.")
-    config = json.loads(config_path.read_text())
-    text = config.get("text_config") or config  # multimodal configs nest the language model's
+    config = _json_object(config_path.read_bytes(), f"{folder.name}/config.json")
+    text = config.get("text_config")  # multimodal configs nest the language model's
+    text = text if isinstance(text, dict) and text else config
 
     shapes: dict[str, list[int]] = {}
     for weight_file in weights:
@@ -198,7 +231,7 @@ def _inspect_folder(folder: Path) -> ModelInfo:
     files = _folder_files(folder)
     return ModelInfo(
         kind="hf",
-        architecture=(config.get("architectures") or [config.get("model_type", "unknown")])[0],
+        architecture=_architecture(config),
         parameters=parameters,
         context_length=_first(text, "max_position_embeddings", "n_positions", "max_sequence_length"),
         hidden_size=_first(text, "hidden_size", "n_embd", "d_model"),
@@ -212,6 +245,13 @@ def _inspect_folder(folder: Path) -> ModelInfo:
         chat_template=_folder_has_chat_template(folder),
         weights_format="safetensors",
     )
+
+
+def _architecture(config: dict) -> str:
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        return architectures[0]
+    return str(config.get("model_type", "unknown"))
 
 
 def _folder_licence(folder: Path) -> str | None:
@@ -249,20 +289,29 @@ def _folder_has_chat_template(folder: Path) -> bool:
         return True
     tokenizer_config = folder / "tokenizer_config.json"
     if tokenizer_config.is_file():
-        return bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
+        return bool(_json_object(tokenizer_config.read_bytes(), "tokenizer_config.json").get("chat_template"))
     return False
 
 
 class _GgufMetadata:
-    """Typed access to a GGUFReader's key/value fields."""
+    """Typed access to GGUF key/value metadata: values as Python objects, arrays as lists."""
 
-    def __init__(self, reader: GGUFReader) -> None:
-        self.fields = reader.fields
+    def __init__(self, values: Mapping[str, Any], array_lengths: Mapping[str, int] | None = None) -> None:
+        self.values = values
+        # read_gguf_header keeps only small arrays' values, so it passes every array's length.
+        self.array_lengths = (
+            array_lengths
+            if array_lengths is not None
+            else {key: len(value) for key, value in values.items() if isinstance(value, list)}
+        )
         self.arch = str(self.get("general.architecture") or "unknown")
 
+    @classmethod
+    def from_reader(cls, reader: GGUFReader) -> _GgufMetadata:
+        return cls({name: field.contents() for name, field in reader.fields.items()})
+
     def get(self, key: str) -> Any:
-        field = self.fields.get(key)
-        return field.contents() if field is not None else None
+        return self.values.get(key)
 
     def arch_int(self, suffix: str) -> int | None:
         value = self.get(f"{self.arch}.{suffix}")
@@ -276,8 +325,7 @@ class _GgufMetadata:
         return float(str(np.float32(value))) if value is not None else None
 
     def array_length(self, key: str) -> int | None:
-        field = self.fields.get(key)
-        return len(field.data) if field is not None else None
+        return self.array_lengths.get(key)
 
 
 def _gguf_licence(meta: _GgufMetadata) -> str | None:
@@ -288,7 +336,7 @@ def _gguf_licence(meta: _GgufMetadata) -> str | None:
     return licence or link
 
 
-def _gguf_weights_format(reader: GGUFReader, meta: _GgufMetadata) -> str:
+def _gguf_weights_format(header: GgufHeader, meta: _GgufMetadata) -> str:
     import gguf
 
     file_type = meta.get("general.file_type")
@@ -298,25 +346,24 @@ def _gguf_weights_format(reader: GGUFReader, meta: _GgufMetadata) -> str:
     except (TypeError, ValueError):
         # No (known) file type: name the type holding most of the matrix weights.
         totals: dict[str, int] = {}
-        for tensor in reader.tensors:
+        for tensor in header.tensors:
             if len(tensor.shape) > 1:
-                totals[tensor.tensor_type.name] = totals.get(tensor.tensor_type.name, 0) + tensor.n_elements
+                kind = gguf.GGMLQuantizationType(tensor.type).name
+                totals[kind] = totals.get(kind, 0) + tensor.n_elements
         return "gguf:" + (max(totals, key=totals.__getitem__) if totals else "unknown")
 
 
 def _inspect_gguf(path: Path) -> ModelInfo:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)  # memory-maps the file; tensor data is not read
-    except (ValueError, OSError) as exc:
-        raise ModelUnavailable(f"{path.name} is not a readable GGUF file: {exc}") from exc
-    meta = _GgufMetadata(reader)
+    # Our own bounded reader rather than gguf's GGUFReader: that one loops over every array item
+    # in Python (2M items: 33 s, 2 GB) and trusts the counts in the header (an array claiming 2**60
+    # items never ends).
+    header = read_gguf_header(path)
+    meta = _GgufMetadata(header.values, header.array_lengths)
     size = path.stat().st_size
     return ModelInfo(
         kind="gguf",
         architecture=meta.arch,
-        parameters=sum(int(tensor.n_elements) for tensor in reader.tensors),
+        parameters=sum(tensor.n_elements for tensor in header.tensors),
         context_length=meta.arch_int("context_length"),
         hidden_size=meta.arch_int("embedding_length"),
         layers=meta.arch_int("block_count"),
@@ -327,8 +374,249 @@ def _inspect_gguf(path: Path) -> ModelInfo:
         size_bytes=size,
         licence=_gguf_licence(meta),
         chat_template=bool(meta.get("tokenizer.chat_template")),
-        weights_format=_gguf_weights_format(reader, meta),
+        weights_format=_gguf_weights_format(header, meta),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading GGUF headers
+#
+# Every count and length in a GGUF header is checked against what the file can hold before it is
+# used, so a hostile header (2**60 entries, a 2**62-byte string, tensors past the end) is refused
+# at once, in bounded time and memory, with a message that names the problem. Used to describe a
+# model, and before llama.cpp or gguf's GGUFReader is given a file.
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what llama.cpp and gguf-py read; version 1 used 32-bit counts
+GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+GGUF_MAX_NAME_BYTES = 65536  # keys and tensor names; real ones are under 100 bytes
+# Array items in all (tokens, merges, scores...): the largest vocabularies (Gemma 3: 262k tokens,
+# Llama 3: 128k tokens and 280k merges) need about a million; GGUFReader spends ~17 s per million.
+GGUF_MAX_ARRAY_ITEMS = 4_000_000
+GGUF_MAX_TENSORS = 1_000_000
+_GGUF_SMALL_ARRAY = 4096  # arrays up to this long keep their values (per-layer settings)
+# Value types: struct format of the scalar types; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: the fastest-moving dimension first
+    type: int  # a GGMLQuantizationType value
+    n_elements: int
+    offset: int  # from the start of the tensor data
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    version: int
+    values: dict[str, Any]  # scalars, strings and arrays of up to _GGUF_SMALL_ARRAY items
+    array_lengths: dict[str, int]  # every array, including the long ones left out of values
+    tensors: list[GgufTensor]
+    alignment: int
+    data_offset: int
+
+
+class _GgufCursor:
+    """Reads little-endian values from a memory-mapped GGUF, refusing any read past its end."""
+
+    def __init__(self, data: mmap.mmap | bytes, name: str) -> None:
+        self.data, self.name, self.pos = data, name, 0
+
+    def fail(self, problem: str) -> MalformedModelFile:
+        return MalformedModelFile(
+            f"{self.name} is not a valid GGUF file: {problem}. It may be damaged or malicious; "
+            "it was not loaded."
+        )
+
+    def need(self, count: int, what: str) -> None:
+        left = len(self.data) - self.pos
+        if count > left:
+            raise self.fail(f"{what} needs {count:,} bytes but only {left:,} are left in the file")
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        size = struct.calcsize("<" + fmt)
+        self.need(size, what)
+        (value,) = struct.unpack_from("<" + fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def skip_string(self, what: str) -> int:
+        length = self.scalar("Q", what)
+        self.need(length, what)
+        self.pos += length
+        return length
+
+    def string(self, what: str, *, limit: int | None = None) -> str:
+        length = self.scalar("Q", what)
+        if limit is not None and length > limit:
+            raise self.fail(f"{what} is {length:,} bytes long; the limit is {limit:,}")
+        self.need(length, what)
+        raw = bytes(self.data[self.pos : self.pos + length])
+        self.pos += length
+        return raw.decode("utf-8", "replace")
+
+    def name_string(self, what: str) -> str:
+        length = self.scalar("Q", what)
+        if length > GGUF_MAX_NAME_BYTES:
+            raise self.fail(f"{what} is {length:,} bytes long; the limit is {GGUF_MAX_NAME_BYTES:,}")
+        self.need(length, what)
+        raw = bytes(self.data[self.pos : self.pos + length])
+        self.pos += length
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not UTF-8 text") from None
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """Check a GGUF file's header against its size and return its metadata and tensor table.
+
+    Raises MalformedModelFile naming the first problem; tensor data is never read.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 24:
+                data: mmap.mmap | bytes = handle.read()
+                return _read_gguf_header(_GgufCursor(data, path.name), size)
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _read_gguf_header(_GgufCursor(data, path.name), size)
+    except OSError as exc:
+        raise ModelUnavailable(f"{path.name} cannot be read: {exc.strerror or exc}") from exc
+
+
+def _read_gguf_header(cursor: _GgufCursor, size: int) -> GgufHeader:
+    import gguf
+
+    if bytes(cursor.data[:4]) != GGUF_MAGIC:
+        raise cursor.fail("it does not start with the GGUF signature")
+    cursor.pos = 4
+    version = cursor.scalar("I", "the version")
+    if version not in GGUF_VERSIONS:
+        if version and not version & 0xFFFF:
+            raise cursor.fail("it is a big-endian GGUF, which llama.cpp cannot load on this machine")
+        raise cursor.fail(
+            f"version {version} is not supported (only {' and '.join(map(str, GGUF_VERSIONS))})"
+        )
+    tensor_count = cursor.scalar("Q", "the tensor count")
+    kv_count = cursor.scalar("Q", "the metadata count")
+    # The smallest entry is an empty key, a type and a one-byte value (13 bytes); the smallest
+    # tensor entry an empty name, one dimension, a type and an offset (32 bytes).
+    left = size - cursor.pos
+    if kv_count * 13 > left:
+        raise cursor.fail(f"it claims {kv_count:,} metadata entries, more than its {size:,} bytes can hold")
+    if tensor_count > GGUF_MAX_TENSORS or tensor_count * 32 > left:
+        raise cursor.fail(f"it claims {tensor_count:,} tensors, more than its {size:,} bytes can hold")
+
+    values: dict[str, Any] = {}
+    array_lengths: dict[str, int] = {}
+    items = 0
+    for index in range(kv_count):
+        key = cursor.name_string(f"metadata key {index + 1}")
+        if key in values or key in array_lengths:
+            raise cursor.fail(f"the metadata key {key!r} appears twice")
+        value_type = cursor.scalar("I", f"the type of {key!r}")
+        if value_type == _GGUF_ARRAY:
+            item_type = cursor.scalar("I", f"the item type of {key!r}")
+            length = cursor.scalar("Q", f"the length of {key!r}")
+            items += length
+            if items > GGUF_MAX_ARRAY_ITEMS:
+                raise cursor.fail(
+                    f"its arrays hold more than {GGUF_MAX_ARRAY_ITEMS:,} items in all ({key!r} claims {length:,})"
+                )
+            array_lengths[key] = length
+            value = _gguf_array(cursor, key, item_type, length)
+            if value is not None:
+                values[key] = value
+        else:
+            values[key] = _gguf_value(cursor, key, value_type)
+
+    alignment = values.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if (
+        not isinstance(alignment, int)
+        or isinstance(alignment, bool)
+        or alignment <= 0
+        or alignment & (alignment - 1)
+    ):
+        raise cursor.fail(f"its alignment {alignment!r} is not a power of two")
+
+    raw_tensors = []
+    names: set[str] = set()
+    for index in range(tensor_count):
+        name = cursor.name_string(f"the name of tensor {index + 1}")
+        if name in names:
+            raise cursor.fail(f"the tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = cursor.scalar("I", f"the dimension count of {name!r}")
+        if not 1 <= n_dims <= GGUF_MAX_DIMS:
+            raise cursor.fail(f"the tensor {name!r} has {n_dims:,} dimensions (1 to {GGUF_MAX_DIMS} allowed)")
+        shape = tuple(cursor.scalar("Q", f"the shape of {name!r}") for _ in range(n_dims))
+        raw_tensors.append(
+            (
+                name,
+                shape,
+                cursor.scalar("I", f"the type of {name!r}"),
+                cursor.scalar("Q", f"the offset of {name!r}"),
+            )
+        )
+    data_offset = cursor.pos + (-cursor.pos % alignment)
+
+    tensors = []
+    for name, shape, type_id, offset in raw_tensors:
+        try:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+        except (ValueError, KeyError):
+            raise cursor.fail(f"the tensor {name!r} has the unknown type {type_id}") from None
+        n_elements = math.prod(shape)
+        if n_elements >= 2**63:
+            raise cursor.fail(f"the tensor {name!r} claims {n_elements:,} elements")
+        if shape[0] % block:
+            raise cursor.fail(f"the first dimension of {name!r} ({shape[0]:,}) is not a multiple of {block}")
+        n_bytes = n_elements // block * block_bytes
+        if offset % alignment:
+            raise cursor.fail(f"the tensor {name!r} starts at {offset:,}, not a multiple of {alignment}")
+        if data_offset + offset + n_bytes > size:
+            raise cursor.fail(
+                f"the tensor {name!r} ({n_bytes:,} bytes at {offset:,}) ends past the end of the file"
+            )
+        tensors.append(GgufTensor(name, shape, type_id, n_elements, offset))
+    return GgufHeader(version, values, array_lengths, tensors, alignment, data_offset)
+
+
+def _gguf_value(cursor: _GgufCursor, key: str, value_type: int) -> Any:
+    if value_type == _GGUF_STRING:
+        return cursor.string(f"the value of {key!r}")
+    if value_type not in _GGUF_SCALARS:
+        raise cursor.fail(f"{key!r} has the unknown value type {value_type}")
+    return cursor.scalar(_GGUF_SCALARS[value_type], f"the value of {key!r}")
+
+
+def _gguf_array(cursor: _GgufCursor, key: str, item_type: int, length: int) -> list[Any] | None:
+    """The array's items if it is short, else None; the cursor ends past the array either way."""
+    keep = length <= _GGUF_SMALL_ARRAY
+    if item_type == _GGUF_STRING:
+        if length * 8 > len(cursor.data) - cursor.pos:
+            raise cursor.fail(f"{key!r} claims {length:,} strings, more than the rest of the file can hold")
+        if keep:
+            return [cursor.string(f"item {i + 1} of {key!r}") for i in range(length)]
+        for i in range(length):
+            cursor.skip_string(f"item {i + 1} of {key!r}")
+        return None
+    if item_type not in _GGUF_SCALARS:
+        # Nested arrays are valid GGUF on paper, but llama.cpp refuses them and no model has any.
+        raise cursor.fail(f"{key!r} is an array of the unsupported type {item_type}")
+    fmt = _GGUF_SCALARS[item_type]
+    cursor.need(length * struct.calcsize("<" + fmt), f"the items of {key!r}")
+    if not keep:
+        cursor.pos += length * struct.calcsize("<" + fmt)
+        return None
+    values = list(struct.unpack_from(f"<{length}{fmt}", cursor.data, cursor.pos))
+    cursor.pos += length * struct.calcsize("<" + fmt)
+    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,11 +873,12 @@ def dequantize_gguf_to_hf(
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists.")
+    read_gguf_header(gguf_path)  # refuses a hostile header before GGUFReader trusts its counts
     try:
         reader = gguf.GGUFReader(gguf_path)
     except (ValueError, OSError) as exc:
         raise ModelUnavailable(f"{gguf_path.name} is not a readable GGUF file: {exc}") from exc
-    meta = _GgufMetadata(reader)
+    meta = _GgufMetadata.from_reader(reader)
     if meta.arch != "llama":
         raise ValueError(f"Only Llama-architecture GGUFs can be dequantized, not {meta.arch!r}.")
     names = {tensor.name: _hf_tensor_name(tensor.name) for tensor in reader.tensors}

@@ -389,6 +389,7 @@ class GGUFTeacher(TeacherClient):
     def __init__(self, path: Path | str, *, n_ctx: int = 4096, threads: int | None = None) -> None:
         import llama_cpp
 
+        from .base_models import read_gguf_header
         from .llamacpp import without_extra_buffer_types  # the chat engine loads models the same way
 
         self.path = Path(path)
@@ -396,6 +397,7 @@ class GGUFTeacher(TeacherClient):
             raise TeacherError(f"The teacher model {self.path} does not exist: pick another file.")
         cores = os.cpu_count() or 1
         try:
+            read_gguf_header(self.path)  # a hostile header is refused before llama.cpp parses it
             with without_extra_buffer_types():
                 self._llm = llama_cpp.Llama(
                     model_path=str(self.path),
