@@ -234,8 +234,8 @@ def _unexpected_error(exc: BaseException, step: BuildStep | None) -> str:
     """What the user reads when a step failed without a message of its own: disk full and out of
     memory say what to do about them; anything else names the error."""
     label = f"“{STEP_LABELS.get(step.name, step.name)}”" if step else "start-up"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_megabytes(Path(settings.DATA_DIR))
+    free = _free_megabytes(Path(settings.DATA_DIR))
+    if _disk_full(exc, free):
         return (
             f"The disk is full: step {label} could not write its files under {settings.DATA_DIR}"
             + (f" ({free} MB free)" if free is not None else "")
@@ -251,15 +251,49 @@ def _unexpected_error(exc: BaseException, step: BuildStep | None) -> str:
     return f"Step {label} stopped with an unexpected error: {exc.__class__.__name__}: {exc}"
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+# Below this much free space under DATA_DIR, a failed write is taken for a full disk: libraries
+# do not all keep the errno (safetensors wraps it in its own error; torch.save says only "file
+# write failed"), and a disk this full explains the failure either way.
+DISK_FULL_BELOW_MB = 64
+
+
+def _disk_full(exc: BaseException, free_mb: int | None) -> bool:
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error).lower()
+        if "no space left on device" in text or "storagefull" in text:
+            return True
+    return free_mb is not None and free_mb < DISK_FULL_BELOW_MB
+
+
 def _out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    # torch reports a failed allocation as a RuntimeError ("DefaultCPUAllocator: can't allocate
-    # memory", "CUDA out of memory"); llama.cpp's bindings as ValueError/RuntimeError with text.
-    text = str(exc).lower()
-    return isinstance(exc, (RuntimeError, ValueError)) and any(
-        phrase in text for phrase in ("can't allocate memory", "out of memory", "cannot allocate memory")
-    )
+    for error in _chain(exc):
+        if isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno == errno.ENOMEM):
+            return True
+        # torch reports a failed allocation as a RuntimeError ("DefaultCPUAllocator: can't allocate
+        # memory", "CUDA out of memory"); safetensors and llama.cpp's bindings with text of their own.
+        text = str(error).lower()
+        if any(
+            phrase in text
+            for phrase in (
+                "can't allocate memory",
+                "out of memory",
+                "cannot allocate memory",
+                "can't start new thread",
+            )
+        ):
+            return True
+    return False
 
 
 def _free_megabytes(path: Path) -> int | None:
@@ -292,21 +326,43 @@ def _build_timed_out(build: Build, worker: str, step: BuildStep | None) -> None:
 
 def _build_requeue_for_shutdown(build: Build, worker: str, step: BuildStep | None) -> None:
     """The worker is shutting down (a deploy): hand the build back to the queue. The attempt is
-    not counted against BUILD_MAX_ATTEMPTS, since nothing went wrong with the build."""
-    from .tasks import run_build_task
+    not counted against BUILD_MAX_ATTEMPTS, since nothing went wrong with the build.
 
+    No task message is sent from here: the worker that is stopping would still take it and run
+    the rest of the build before it exits (measured with the embedded broker). The build keeps
+    requeue_requested_at instead, and the next sweep of a running worker (or of this one after
+    its restart) sends the message (builds_dispatch_requeued)."""
     _step_finished(step, BuildStep.Status.PENDING)
     with transaction.atomic():
         if not Build.objects.filter(pk=build.pk, claimed_by=worker, status__in=Build.ACTIVE).update(
-            status=Build.Status.QUEUED, claimed_by="", requeue_requested_at=None, attempts=F("attempts") - 1
+            status=Build.Status.QUEUED,
+            claimed_by="",
+            requeue_requested_at=Coalesce(F("requeue_requested_at"), Value(timezone.now())),
+            attempts=F("attempts") - 1,
         ):
             return
         BuildLog.objects.create(
             build=build, level="warning",
             message="The worker is shutting down (a restart or deploy): the build stopped at a safe point "
-            "and is queued again; it resumes from there.",
+            "and is queued again; a running worker resumes it from there.",
         )  # fmt: skip
-        transaction.on_commit(lambda: run_build_task.delay(build.pk))
+
+
+def builds_dispatch_requeued() -> list[int]:
+    """Send the task message of each build a stopping worker handed back (see above)."""
+    from .tasks import run_build_task
+
+    sent = []
+    for pk, flagged in Build.objects.filter(
+        status=Build.Status.QUEUED, requeue_requested_at__isnull=False
+    ).values_list("pk", "requeue_requested_at"):
+        # Conditional: of two sweeping workers, one sends it.
+        if Build.objects.filter(pk=pk, status=Build.Status.QUEUED, requeue_requested_at=flagged).update(
+            requeue_requested_at=None
+        ):
+            run_build_task.delay(pk)
+            sent.append(pk)
+    return sent
 
 
 def build_resume(*, build: Build) -> Build:

@@ -25,8 +25,10 @@ def _run_build_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type
 )
 def run_build_task(build_id: int) -> None:
     from .services import build_run
+    from .worker import sigterm_stops_builds
 
-    build_run(build_id=build_id)
+    with sigterm_stops_builds():
+        build_run(build_id=build_id)
 
 
 @shared_task(

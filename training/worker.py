@@ -6,27 +6,34 @@ redelivers after its visibility timeout; so recovery comes from our own job tabl
 
 SIGTERM (a deploy or restart) must not cost a build its progress nor count as a failure. It
 reaches the worker in two ways, and both end the same way (the running step stops at its next
-safe point, a training step writes a checkpoint, and the build is queued again):
+safe point, a training step writes a checkpoint, and the build is queued again; the next sweep
+of a running worker, or of this one once restarted, sends it to a worker):
 - to the main process only (docker stop, Kubernetes): Celery's warm shutdown waits for running
   tasks, so `_on_shutting_down` marks the builds its pool processes run (requeue_requested_at),
   which their steps read within a second;
 - to every process of the worker (systemd, a terminal's Ctrl-C, honcho): a pool process would
-  die at once by default, so `_on_process_init` gives it a handler that raises the flag instead.
+  die at once (billiard's handler), so while a build runs `sigterm_stops_builds` replaces that
+  handler with one that raises the flag instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from django.conf import settings
 from django.db import connections
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
+# Set when this worker starts its shut-down: from then on it sends no task messages, since it
+# could still take them itself.
+_shutting_down = threading.Event()
 
 
 def sweep() -> None:
@@ -34,10 +41,15 @@ def sweep() -> None:
 
     from projects.services import documents_requeue_stale
 
-    from .services import builds_recover_stale
+    from .services import builds_dispatch_requeued, builds_recover_stale
     from .teachers import generation_runs_recover_stale
 
+    if _shutting_down.is_set():
+        return
     try:
+        handed_back = builds_dispatch_requeued()
+        if handed_back:
+            log.info("resuming builds %s that a stopping worker handed back", handed_back)
         builds = builds_recover_stale()
         runs = generation_runs_recover_stale()
         if runs:
@@ -75,6 +87,7 @@ def _on_shutting_down(**kwargs: object) -> None:
 
     from .services import builds_stop_for_shutdown
 
+    _shutting_down.set()
     me = psutil.Process()
     pids = {me.pid} | {child.pid for child in me.children(recursive=True)}
     try:
@@ -87,14 +100,25 @@ def _on_shutting_down(**kwargs: object) -> None:
         connections.close_all()
 
 
-@worker_process_init.connect
-def _on_process_init(**kwargs: object) -> None:
+@contextlib.contextmanager
+def sigterm_stops_builds() -> Iterator[None]:
+    """While a build task runs in a pool process: SIGTERM raises SHUTDOWN_REQUESTED instead of
+    ending the process (billiard's handler would exit at once, losing the step's progress), and
+    the build stops at its next safe point. A second SIGTERM does what the first would have."""
     from .steps import SHUTDOWN_REQUESTED
+
+    if threading.current_thread() is not threading.main_thread():  # a threads pool: no signals
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
 
     def terminate(signum: int, frame: object) -> None:
         SHUTDOWN_REQUESTED.set()
-        # A second SIGTERM (the pool being terminated) ends the process as it would have.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous)
+        log.warning("pool process %s: SIGTERM; the build stops at its next safe point", os.getpid())
 
     signal.signal(signal.SIGTERM, terminate)
-    log.debug("pool process %s: SIGTERM stops builds at a safe point", os.getpid())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -10,16 +10,10 @@ tests/testenv.py); the processes started here get a clean environment with both 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
-import sqlite3
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,212 +22,13 @@ from pytest_redis import factories
 from reportlab.lib.pagesizes import A4
 from reportlab.pdfgen import canvas
 
+from tests.installation import Install, Worker, pid_gone
 from tests.projects.fixtures_docs import make_markdown, make_pdf
 
 pytestmark = pytest.mark.services
 
-ROOT = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
-
 # A session-scoped Redis on a free port, from Debian's server; configured here, not in ini files.
 redis_server = factories.redis_proc(executable="/usr/bin/redis-server", port=None)
-
-# Variables the test process sets for itself (tests/testenv.py, pytest-django) that must not leak
-# into the installation under test.
-_SCRUBBED = {
-    "SLMSTUDIO_TEST_DATA_DIR",
-    "DATA_DIR",
-    "DATABASE_URL",
-    "CELERY_BROKER_URL",
-    "CELERY_TASK_ALWAYS_EAGER",
-    "BUILD_HEARTBEAT_THREAD",
-    "BUILD_STALE_SECONDS",
-    "DJANGO_ALLOW_ASYNC_UNSAFE",
-    "SECRET_KEY",
-    "PYTEST_CURRENT_TEST",
-    "PYTEST_XDIST_WORKER",
-}
-
-# Prefixed to `python -c` snippets that use the ORM of the installation under test.
-_DJANGO = "import django; django.setup()\n"
-
-_CREATE_USER = (
-    "from django.contrib.auth.models import User; User.objects.create_user('alice', password='pw-alice-123')"
-)
-
-# Stores files as documents without parsing them (what a large upload does): they stay "pending"
-# until a worker reads them, so a succeeded build proves the worker did.
-_ADD_DOCUMENTS = """
-import sys
-from pathlib import Path
-from projects.models import Document, Project
-from projects.services import document_add
-project = Project.objects.get(slug=sys.argv[1])
-for name in sys.argv[2:]:
-    path = Path(name)
-    with path.open("rb") as fh:
-        added = document_add(project=project, stream=fh, name=path.name, size=path.stat().st_size)
-    assert not added.duplicate, f"{name} is a duplicate"
-assert not project.documents.exclude(status=Document.Status.PENDING).exists()
-print(project.documents.count())
-"""
-
-
-class Worker:
-    """`celery worker` in its own process group, logging to a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                PYTHON, "-m", "celery", "-A", "slmstudio", "worker",
-                "--loglevel", "INFO", "--concurrency", "1", "--without-mingle", "--without-gossip",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    @property
-    def pgid(self) -> int:
-        return self.proc.pid  # start_new_session: the worker leads its own group
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """kill -9 the whole group (main process and pool children), as a crash or OOM would."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self._log.close()
-
-    def stop(self) -> None:
-        """SIGTERM (warm shutdown), then SIGKILL after a few seconds. Safe to call twice."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pgid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
-        # The group may outlive its leader (a pool child finishing a task): always sweep it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        self._log.close()
-
-
-class Install:
-    """One installation: its DATA_DIR, its environment, its processes."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.data_dir = tmp_path / "install"  # conftest already made tmp_path/data for the test process
-        self.data_dir.mkdir()
-        self.env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
-        self.env.update(
-            DJANGO_SETTINGS_MODULE="slmstudio.settings",
-            DATA_DIR=str(self.data_dir),
-            CELERY_TASK_ALWAYS_EAGER="0",
-            BUILD_HEARTBEAT_THREAD="1",
-            PYTHONUNBUFFERED="1",
-        )
-        self.workers: list[Worker] = []
-        self.outputs: list[str] = []
-
-    # --- processes ---------------------------------------------------------------------------
-
-    def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            list(args), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        self.outputs.append(
-            f"$ {' '.join(args)[:200]}\n[rc {proc.returncode}]\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
-        )
-        if check:
-            assert proc.returncode == 0, self.report(f"command failed: {' '.join(args)[:200]}")
-        return proc
-
-    def manage(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-        return self.run(PYTHON, "manage.py", *args, **kwargs)
-
-    def python(self, code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-        return self.run(PYTHON, "-c", _DJANGO + code, *args, **kwargs)
-
-    def start_worker(self, **extra_env: str) -> Worker:
-        env = {**self.env, **extra_env}
-        worker = Worker(env, self.tmp_path / f"worker-{len(self.workers) + 1}.log")
-        self.workers.append(worker)
-        return worker
-
-    def stop_all(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-
-    def report(self, message: str) -> str:
-        """An assertion message with what the processes printed, so a failure explains itself."""
-        parts = [message]
-        for i, worker in enumerate(self.workers, start=1):
-            parts.append(f"----- worker {i} log ({worker.log_path}) -----\n{worker.log()[-8000:]}")
-        parts.append("----- commands -----\n" + "\n".join(self.outputs[-4:]))
-        return "\n".join(parts)
-
-    # --- setup -------------------------------------------------------------------------------
-
-    def prepare(self, documents: list[Path]) -> str:
-        """Migrate, create a user and a project, store `documents` unparsed. Returns the slug."""
-        self.manage("migrate", "--noinput", "-v", "0")
-        self.python(_CREATE_USER)
-        slug = json.loads(self.manage("createproject", "Pump manuals", "--owner", "alice").stdout)["project"]
-        added = self.python(_ADD_DOCUMENTS, slug, *map(str, documents))
-        assert int(added.stdout.strip()) == len(documents), self.report("documents not stored")
-        return slug
-
-    # --- reading the installation's database -------------------------------------------------
-
-    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        con = sqlite3.connect(self.data_dir / "db.sqlite3", timeout=20)
-        try:
-            con.execute("PRAGMA query_only = 1")
-            return con.execute(sql, params).fetchall()
-        finally:
-            con.close()
-
-    def build_row(self, build_id: int) -> dict[str, Any]:
-        cols = ("status", "attempts", "claimed_by", "error")
-        row = self.query(f"SELECT {', '.join(cols)} FROM training_build WHERE id = ?", (build_id,))[0]
-        return dict(zip(cols, row, strict=False))
-
-    def step_row(self, build_id: int, name: str) -> dict[str, Any]:
-        cols = ("status", "progress_current", "progress_total", "metrics")
-        row = self.query(
-            f"SELECT {', '.join(cols)} FROM training_buildstep WHERE build_id = ? AND name = ?",
-            (build_id, name),
-        )[0]
-        step = dict(zip(cols, row, strict=False))
-        step["metrics"] = json.loads(step["metrics"] or "{}")
-        return step
-
-    def document_statuses(self) -> dict[int, str]:
-        return dict(self.query("SELECT id, status FROM projects_document"))
-
-    def build_logs(self, build_id: int) -> list[str]:
-        rows = self.query("SELECT message FROM training_buildlog WHERE build_id = ? ORDER BY id", (build_id,))
-        return [message for (message,) in rows]
-
-    def wait_for(self, what: str, condition: Callable[[], Any], timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            result = condition()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(self.report(f"timed out after {timeout:.0f} s waiting for {what}"))
-            time.sleep(0.1)
 
 
 @pytest.fixture
@@ -330,15 +125,6 @@ def _make_manual(path: Path, index: int, pages: int) -> Path:
     return path
 
 
-def _pid_gone(pid: int) -> bool:
-    """True once the process has been reaped (a zombie still answers kill(pid, 0))."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # gone between open and read: ProcessLookupError, not FileNotFoundError
-        return True
-    return state == "X"
-
-
 def test_worker_killed_mid_build_is_recovered(install: Install, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -372,7 +158,7 @@ def test_worker_killed_mid_build_is_recovered(install: Install, tmp_path: Path) 
     # init polls); until then it is a zombie, and training.services._worker_is_dead, which asks
     # kill(pid, 0), would still count it alive. Wait for the reaping, not for the app.
     dead_pid = int(build["claimed_by"].rpartition(":")[2])
-    install.wait_for(f"the killed worker process {dead_pid} to be reaped", lambda: _pid_gone(dead_pid), 20)
+    install.wait_for(f"the killed worker process {dead_pid} to be reaped", lambda: pid_gone(dead_pid), 20)
 
     # A new worker re-queues it at start-up from the dead pid alone: the heartbeat is still fresh
     # and BUILD_STALE_SECONDS is a minute away.
@@ -448,7 +234,7 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(install: Install
     first.kill()
     killed_at = install.step_row(build_id, "lora")["metrics"]["history"][-1]["step"]
     dead_pid = int(install.build_row(build_id)["claimed_by"].rpartition(":")[2])
-    install.wait_for(f"the killed worker process {dead_pid} to be reaped", lambda: _pid_gone(dead_pid), 20)
+    install.wait_for(f"the killed worker process {dead_pid} to be reaped", lambda: pid_gone(dead_pid), 20)
 
     second = install.start_worker(BUILD_STALE_SECONDS="60")
     install.wait_for(
