@@ -145,6 +145,15 @@ def build_cancel(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
     return redirect(build)
 
 
+@login_required
+@require_POST
+def build_resume(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
+    project = project_or_404(request, slug)
+    build = get_object_or_404(Build, pk=pk, project=project)
+    services.build_resume(build=build)
+    return redirect(build)
+
+
 # --- Base models ---------------------------------------------------------------------------
 
 

@@ -255,3 +255,51 @@ def test_the_parse_step_takes_over_a_parse_whose_process_died(project_with_data,
     assert build.status == "succeeded", build.error
     assert project_with_data.documents.filter(status=Document.Status.PARSED).count() == 3
     assert build.steps.get(name="parse").metrics["newly_read"] == 3
+
+
+def test_a_build_past_its_time_limit_times_out_and_resumes_from_the_page(
+    project_with_data, owner, owner_client, settings, django_capture_on_commit_callbacks
+):
+    settings.BUILD_TIME_LIMIT = 0  # the deadline has passed before the first step
+    build = build_start(project=project_with_data, user=owner, recipe="check")
+    build_run(build_id=build.pk)
+    build.refresh_from_db()
+    assert build.status == Build.Status.TIMED_OUT and build.is_terminal and build.can_resume
+    assert "time limit of 0 seconds" in build.error and "Resume it" in build.error
+    assert set(build.steps.values_list("status", flat=True)) == {"pending"}
+    page = owner_client.get(build.get_absolute_url()).content.decode()
+    assert "Timed out" in page and "Resume build" in page and build.error in page
+
+    settings.BUILD_TIME_LIMIT = 3600
+    with django_capture_on_commit_callbacks(execute=True):
+        response = owner_client.post(
+            reverse("training-build-resume", args=[project_with_data.slug, build.pk])
+        )
+    assert response.status_code == 302
+    build.refresh_from_db()
+    assert build.status == Build.Status.SUCCEEDED and not build.error
+    assert "Resumed: queued to continue where it stopped." in build.logs.values_list("message", flat=True)
+    # Only a timed-out build resumes: a second request changes nothing.
+    owner_client.post(reverse("training-build-resume", args=[project_with_data.slug, build.pk]))
+    build.refresh_from_db()
+    assert build.status == Build.Status.SUCCEEDED
+
+
+def test_disk_full_and_out_of_memory_errors_say_what_to_do() -> None:
+    import errno
+
+    from training.services import _unexpected_error
+
+    step = BuildStep(name="lora")
+    full = _unexpected_error(OSError(errno.ENOSPC, "No space left on device"), step)
+    assert full.startswith("The disk is full") and "Free some space" in full
+    # Wrapped by a library that keeps only the text (safetensors).
+    wrapped = _unexpected_error(RuntimeError("IoError: No space left on device (os error 28)"), step)
+    assert wrapped.startswith("The disk is full")
+    memory = _unexpected_error(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 1 GB"), step
+    )
+    assert "ran out of memory" in memory and "smaller base model" in memory
+    assert "ran out of memory" in _unexpected_error(MemoryError(), step)
+    other = _unexpected_error(KeyError("x"), step)
+    assert "unexpected error: KeyError" in other
