@@ -223,7 +223,7 @@ class Install:
         return dict(zip(cols, row, strict=False))
 
     def step_row(self, build_id: int, name: str) -> dict[str, Any]:
-        cols = ("status", "progress_current", "progress_total", "metrics")
+        cols = ("status", "progress_current", "progress_total", "metrics", "message")
         row = self.query(
             f"SELECT {', '.join(cols)} FROM training_buildstep WHERE build_id = ? AND name = ?",
             (build_id, name),

@@ -198,6 +198,7 @@ def build_run(*, build_id: int) -> None:
             for step in build.steps.exclude(status=BuildStep.Status.SUCCEEDED):
                 ctx = StepContext(build=build, step=step, deadline=deadline)
                 ctx.check_cancel(force=True)
+                _remove_half_written(ctx.workdir)
                 _step_started(step)
                 metrics = STEP_RUNNERS[step.name](ctx)
                 _step_finished(step, BuildStep.Status.SUCCEEDED, metrics)
@@ -228,6 +229,22 @@ def build_run(*, build_id: int) -> None:
             log.exception("build %s failed in step %s", build_id, step)
             _step_finished(step, BuildStep.Status.FAILED)
             _build_finished(build, me, Build.Status.FAILED, error=_unexpected_error(exc, step))
+
+
+def _remove_half_written(workdir: Path) -> None:
+    """Delete what an earlier attempt of this step left half-written in its folder when its
+    worker was killed: every writer here writes under a dot-name and renames into place, and
+    no other process writes into this build's folders while we hold its claim."""
+    import shutil
+
+    if not workdir.is_dir():
+        return
+    for leftover in workdir.glob(".*"):
+        log.info("removing %s, left half-written by an earlier attempt", leftover)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _unexpected_error(exc: BaseException, step: BuildStep | None) -> str:

@@ -144,8 +144,12 @@ def _train(
         "eval_loss": result.eval_loss,
         "base_eval_loss": result.base_eval_loss,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+        # The same points the live chart drew, the distillation term included (it was dropped
+        # here once, so a finished distill build lost its KD curve).
         "history": [
-            {"step": p.step, "train_loss": p.train_loss, "eval_loss": p.eval_loss} for p in result.history
+            {"step": p.step, "train_loss": p.train_loss, "eval_loss": p.eval_loss}
+            | ({"distill_loss": p.distill_loss} if p.distill_loss is not None else {})
+            for p in result.history
         ],
     }
 
