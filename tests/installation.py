@@ -66,13 +66,13 @@ print(project.documents.count())
 class Worker:
     """`celery worker` in its own process group, logging to a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *, concurrency: int = 1) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [
                 PYTHON, "-m", "celery", "-A", "slmstudio", "worker",
-                "--loglevel", "INFO", "--concurrency", "1", "--without-mingle", "--without-gossip",
+                "--loglevel", "INFO", "--concurrency", str(concurrency), "--without-mingle", "--without-gossip",
             ],
             cwd=ROOT,
             env=env,
@@ -178,9 +178,9 @@ class Install:
     def python(self, code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
         return self.run(PYTHON, "-c", _DJANGO + code, *args, **kwargs)
 
-    def start_worker(self, **extra_env: str) -> Worker:
+    def start_worker(self, *, concurrency: int = 1, **extra_env: str) -> Worker:
         env = {**self.env, **extra_env}
-        worker = Worker(env, self.tmp_path / f"worker-{len(self.workers) + 1}.log")
+        worker = Worker(env, self.tmp_path / f"worker-{len(self.workers) + 1}.log", concurrency=concurrency)
         self.workers.append(worker)
         return worker
 

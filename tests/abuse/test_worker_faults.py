@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from pytest_redis import factories
 
-from tests.installation import Install, Worker
+from tests.installation import Install, Worker, pid_gone
 from tests.projects.fixtures_docs import make_markdown, make_pdf
 from tests.tinymodels import make_tiny_llama
 
@@ -297,3 +297,65 @@ def test_out_of_memory_fails_the_build_readably_and_the_worker_lives_on(
     )  # fmt: skip
     assert json.loads(again.stdout)["status"] == "succeeded", install.report(again.stdout)
     assert worker.pool_pids() == [pool], "the pool process was replaced"
+
+
+# --- The same message twice; a build that always crashes -----------------------------------
+
+_SEND_AGAIN = """
+import sys
+from training.tasks import run_build_task
+run_build_task.delay(int(sys.argv[1]))
+"""
+
+
+def test_the_same_task_message_delivered_twice_runs_the_build_once(
+    install: Install, tmp_path: Path, redis_server: Any
+) -> None:
+    install.env["CELERY_BROKER_URL"] = f"redis://{redis_server.host}:{redis_server.port}/0"
+    src = tmp_path / "src"
+    src.mkdir()
+    slug = install.prepare([make_pdf(src), make_markdown(src)])
+    # Two pool processes, so the two deliveries really run at the same time.
+    worker = install.start_worker(concurrency=2)
+    build_id = json.loads(install.manage("build", slug, "--recipe", "check").stdout)["build"]
+    install.python(_SEND_AGAIN, str(build_id))
+    build = _wait_for_end(install, build_id, timeout=120)
+    assert build["status"] == "succeeded" and build["attempts"] == 1, install.report(f"build: {build}")
+    install.wait_for("both deliveries to be handled", lambda: worker.log().count("run_build_task[") >= 4, 60)
+    logs = install.build_logs(build_id)
+    assert logs.count("Build started.") == 1 and logs.count("Build finished.") == 1, logs
+    assert "not claimable" in worker.log(), install.report("the second delivery was not refused")
+
+
+def test_a_build_whose_worker_dies_every_time_stops_after_the_last_attempt(
+    install: Install, tmp_path: Path
+) -> None:
+    slug = _project_with_tiny_model(install, tmp_path)
+    install.env["BUILD_MAX_ATTEMPTS"] = "2"
+    install.start_worker()
+    started = install.manage(
+        "build", slug, "--recipe", "lora", "--base", "tiny", "--set", "lora.max_steps=3000", *LORA
+    )  # fmt: skip
+    build_id = json.loads(started.stdout)["build"]
+    for attempt in (1, 2):
+
+        def training(attempt: int = attempt) -> bool:
+            build = install.build_row(build_id)
+            return (
+                build["status"] == "running"
+                and build["attempts"] == attempt
+                and len(_lora_history(install, build_id)) > 0
+            )
+
+        install.wait_for(f"attempt {attempt} to train", training, timeout=240)
+        dead = int(install.build_row(build_id)["claimed_by"].rpartition(":")[2])
+        install.workers[-1].kill()  # as the kernel's OOM killer would, every time
+        install.wait_for(f"process {dead} to be reaped", lambda dead=dead: pid_gone(dead), 20)
+        install.start_worker(BUILD_STALE_SECONDS="60")
+
+    build = _wait_for_end(install, build_id, timeout=60)
+    assert build["status"] == "failed" and build["attempts"] == 2, install.report(f"build: {build}")
+    assert "stopped 2 times without finishing" in build["error"] and "memory" in build["error"], build[
+        "error"
+    ]
+    assert install.workers[-1].proc.poll() is None, "the worker that gave up on the build is still running"

@@ -14,7 +14,7 @@ from tests.conftest import client_for
 from training.models import GenerationRun, ModelVersion, SavedRecipe, Teacher, WizardState
 from training.services import build_start
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.abuse]  # part of the fault and abuse suite (issue 9)
 
 
 def _project_urls(resolver: URLResolver | None = None, prefix: str = "") -> list[tuple[str, list[str]]]:

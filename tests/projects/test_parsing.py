@@ -22,6 +22,8 @@ from projects.parsing import (
 )
 from tests.projects import fixtures_docs as fx
 
+pytestmark = pytest.mark.abuse  # hostile input: part of the fault and abuse suite (issue 9)
+
 Outline = list[tuple[str | None, int, list[str], int | None]]
 
 

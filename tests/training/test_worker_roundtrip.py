@@ -125,6 +125,7 @@ def _make_manual(path: Path, index: int, pages: int) -> Path:
     return path
 
 
+@pytest.mark.abuse
 def test_worker_killed_mid_build_is_recovered(install: Install, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -207,6 +208,7 @@ print(project.pairs.count())
 """
 
 
+@pytest.mark.abuse
 def test_worker_killed_mid_training_resumes_from_its_checkpoint(install: Install, tmp_path: Path) -> None:
     from tests.tinymodels import make_tiny_llama
 
