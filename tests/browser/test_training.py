@@ -80,3 +80,32 @@ def test_the_loss_chart_moves_while_training_runs(live_server, page, owner, proj
     assert build.status == Build.Status.CANCELLED, build.error
     history = build.steps.get(name="lora").metrics["history"]
     assert first < len(history) < 5000  # it trained a while, and stopped well before the end
+
+
+def test_a_timed_out_build_says_why_and_resumes(live_server, page, owner, project, settings):  # type: ignore[no-untyped-def]
+    from training.services import build_run
+
+    pair_create(project=project, instruction="How do I reset the pump?", input="", response="Hold RESET.")
+    settings.BUILD_TIME_LIMIT = 0  # past its limit before the first step
+    build = build_start(project=project, user=owner, recipe="check")
+    build_run(build_id=build.pk)
+    build.refresh_from_db()
+    assert build.status == Build.Status.TIMED_OUT
+
+    page.goto(f"{live_server.url}/login/")
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("pw-alice-123")
+    page.get_by_role("button", name="Log in").click()
+    page.goto(f"{live_server.url}{build.get_absolute_url()}")
+    expect(page.get_by_role("alert")).to_contain_text("ran past its time limit")
+    expect(page.locator(".badge", has_text="Timed out")).to_be_visible()
+    if os.environ.get("SLM_SCREENSHOTS"):
+        page.screenshot(
+            path=os.path.join(os.environ["SLM_SCREENSHOTS"], "build-timed-out.png"), full_page=True
+        )
+
+    settings.BUILD_TIME_LIMIT = 3600
+    page.get_by_role("button", name="Resume build").click()  # eager Celery: it runs to the end
+    expect(page.locator(".badge", has_text="Succeeded")).to_be_visible()
+    build.refresh_from_db()
+    assert build.status == Build.Status.SUCCEEDED
