@@ -16,6 +16,7 @@ from training.ml.prompt import Passage, Turn, build_messages
 from training.ml.rag import Hit, HybridIndex
 from training.models import ModelVersion
 
+from .engines.guard import AnswerGuard, guard_text, guarded, policy_for, source_texts
 from .engines.llama import GenerationConfig, GenerationResult, engines
 from .engines.render import render_answer
 from .models import ApiToken, Conversation, Message
@@ -155,7 +156,17 @@ def answer_from(
     result = GenerationResult()
     config = GenerationConfig(max_tokens=chat.max_tokens, temperature=chat.temperature)
     pieces = engine.stream_chat(messages, config, should_stop=should_stop, result=result)
-    return Answer(sources=sources, pieces=pieces, result=result)
+    guard = AnswerGuard(policy_for(question=question, passages=source_texts(sources)))
+    return Answer(sources=sources, pieces=_guarded(pieces, guard, result), result=result)
+
+
+def _guarded(pieces: Iterator[str], guard: AnswerGuard, result: GenerationResult) -> Iterator[str]:
+    """The answer as it may be shown (engines/guard.py: links to unknown hosts and the system
+    prompt removed); once it ends or is closed, `result.text` is that text too."""
+    try:
+        yield from guarded(pieces, guard)
+    finally:
+        result.text = guard.text
 
 
 def usage_of(result: GenerationResult) -> dict[str, float | int | str | None]:
@@ -221,7 +232,10 @@ def answer_stream(*, question: Message) -> Iterator[tuple[str, object]]:
 
 
 def message_html(message: Message) -> str:
-    return render_answer(message.content, source_count=len(message.sources))
+    # Answers are filtered as they are generated; filtering again covers answers saved before.
+    question = message.reply_to.content if message.reply_to_id else ""  # type: ignore[union-attr]
+    policy = policy_for(question=question, passages=source_texts(message.sources))
+    return render_answer(guard_text(message.content, policy), source_count=len(message.sources))
 
 
 # --- API tokens ----------------------------------------------------------------------------
