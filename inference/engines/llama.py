@@ -1,7 +1,9 @@
 """Streaming chat generation with llama.cpp (llama-cpp-python), free of Django.
 
-A llama.cpp context is not thread-safe, so each engine serialises its work behind one lock; the
-process shares engines through `engines`, an LRU cache of loaded models.
+A llama.cpp context is not thread-safe, so each engine serialises its generations behind one lock;
+the process shares engines through `engines`, an LRU cache of loaded models. Tokenizing reads only
+the vocabulary, which llama.cpp allows beside a running generation (its own server tokenizes in
+request threads while it decodes): it waits for no generation, only for a close.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ CHATML_TEMPLATE = (
 
 # Prompt tokens evaluated between two looks at should_stop(): about half a second on 2 cores.
 PREFILL_CHUNK = 128
+
+# Seconds between two looks at should_stop() while a generation waits for the model: a client
+# that leaves while others are answered ahead of it is let go at once, not given its turn.
+TURN_POLL_SECONDS = 0.25
 
 # Stands in for a message's content while the template is rendered (see _chat_tokens).
 _SLOT = re.compile("\x00(\\d+)\x00")
@@ -122,18 +128,20 @@ class LlamaEngine:
             eos_token=self._token_text(self._llm.token_eos()),
             bos_token=self._token_text(self._llm.token_bos()),
         )
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time
+        self._vocab_lock = threading.Lock()  # held briefly while tokenizing, so close() waits for it
         self._closing = False
 
     # --- Tokens --------------------------------------------------------------------------
 
     def count_tokens(self, text: str) -> int:
-        with self._session():
+        with self._tokenizing():
             return len(self._tokenize(text, special=False))
 
     def count_chat_tokens(self, messages: list[dict]) -> int:
-        """Tokens of the prompt the chat template makes of `messages`, generation prompt included."""
-        with self._session():
+        """Tokens of the prompt the chat template makes of `messages`, generation prompt included.
+        Never waits for a generation: a request queued behind others prepares its prompt at once."""
+        with self._tokenizing():
             return len(self._chat_tokens(messages))
 
     def _tokenize(self, text: str, *, special: bool) -> list[int]:
@@ -177,12 +185,18 @@ class LlamaEngine:
 
         The engine stays locked from the first next() until the generator ends or is closed.
         Timings count from when the lock was obtained, so they describe the model, not the queue.
+        should_stop() is also asked while waiting for the lock: if it turns true there, the stream
+        ends "cancelled" without having used the model.
         """
         result = result if result is not None else GenerationResult()
-        with self._session() as llm:
+        stop = should_stop or _never
+        with self._session(stop) as llm:
+            if llm is None:
+                result.finish_reason = "cancelled"
+                return
             started = time.perf_counter()
             try:
-                yield from self._generate(llm, messages, config, should_stop or _never, result, started)
+                yield from self._generate(llm, messages, config, stop, result, started)
             except GeneratorExit:  # the consumer went away
                 result.finish_reason = "cancelled"
                 raise
@@ -204,7 +218,8 @@ class LlamaEngine:
         result: GenerationResult,
         started: float,
     ) -> Iterator[str]:
-        prompt = self._chat_tokens(messages)
+        with self._vocab_lock:
+            prompt = self._chat_tokens(messages)
         result.prompt_tokens = len(prompt)
         room = self.n_ctx - len(prompt)
         if room <= 0:
@@ -263,27 +278,41 @@ class LlamaEngine:
     # --- Lifetime ------------------------------------------------------------------------
 
     @contextmanager
-    def _session(self) -> Iterator[llama_cpp.Llama]:
-        """Exclusive use of the model; finishes a close() that arrived while it was busy."""
+    def _session(self, should_stop: Callable[[], bool] = _never) -> Iterator[llama_cpp.Llama | None]:
+        """Exclusive use of the model, or None if should_stop() turned true while waiting for it;
+        finishes a close() that arrived while it was busy."""
+        acquired = False
         try:
-            with self._lock:
-                if self._closing:
-                    raise RuntimeError(f"The engine for {self.gguf_path.name} has been closed.")
-                yield self._llm
+            while not (acquired := self._lock.acquire(timeout=TURN_POLL_SECONDS)):
+                if should_stop():
+                    break
+            if acquired and self._closing:
+                raise RuntimeError(f"The engine for {self.gguf_path.name} has been closed.")
+            yield self._llm if acquired else None
         finally:
+            if acquired:
+                self._lock.release()
             if self._closing:
                 self.close()
+
+    @contextmanager
+    def _tokenizing(self) -> Iterator[None]:
+        with self._vocab_lock:
+            if self._closing:
+                raise RuntimeError(f"The engine for {self.gguf_path.name} has been closed.")
+            yield
 
     def close(self) -> None:
         """Free the model now, or as soon as the generation running in another thread ends.
 
-        Never waits: an evicting request or the exit handler must not hang on a stream whose
-        consumer stalled.
+        Never waits for a generation: an evicting request or the exit handler must not hang on a
+        stream whose consumer stalled (a tokenization in progress takes microseconds).
         """
         self._closing = True
         if self._lock.acquire(blocking=False):
             try:
-                self._llm.close()
+                with self._vocab_lock:
+                    self._llm.close()
             finally:
                 self._lock.release()
 

@@ -144,6 +144,44 @@ def test_concurrent_streams_are_serialised(engine: LlamaEngine) -> None:
     assert sum(1 for x, y in itertools.pairwise(events) if x != y) == 1
 
 
+def test_a_stream_waiting_for_the_engine_leaves_when_asked(engine: LlamaEngine) -> None:
+    busy = GenerationResult()
+    pieces = engine.stream_chat(STORY, GenerationConfig(temperature=0, max_tokens=64), result=busy)
+    next(pieces)  # the engine is taken
+    gone = threading.Event()
+    waiting = GenerationResult()
+    worker = threading.Thread(
+        target=lambda: list(engine.stream_chat(CAPITAL, GREEDY, should_stop=gone.is_set, result=waiting)),
+        daemon=True,
+    )
+    worker.start()
+    try:
+        worker.join(timeout=1)
+        assert worker.is_alive()  # waits its turn
+        gone.set()  # its client left
+        worker.join(timeout=2)
+        assert not worker.is_alive(), "a stream whose client left kept waiting for the engine"
+        assert (waiting.finish_reason, waiting.completion_tokens) == ("cancelled", 0)
+    finally:
+        pieces.close()  # type: ignore[attr-defined]
+        worker.join(timeout=30)
+    assert busy.finish_reason == "cancelled"
+
+
+def test_counting_tokens_does_not_wait_for_a_generation(engine: LlamaEngine) -> None:
+    pieces = engine.stream_chat(STORY, GenerationConfig(temperature=0, max_tokens=64))
+    next(pieces)
+    counted: list[int] = []
+    worker = threading.Thread(target=lambda: counted.append(engine.count_chat_tokens(CAPITAL)), daemon=True)
+    worker.start()
+    try:
+        worker.join(timeout=5)
+        assert counted and counted[0] > 10, "counting a prompt's tokens waited for the generation to end"
+    finally:
+        pieces.close()  # type: ignore[attr-defined]
+        worker.join(timeout=30)
+
+
 def test_engine_cache_shares_evicts_and_closes(gguf: Path, tmp_path: Path) -> None:
     # Links give three distinct model paths for the price of one file.
     a, b, c = (tmp_path / f"{name}.gguf" for name in "abc")
