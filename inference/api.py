@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from slmstudio.http import event_stream_response
+from slmstudio.http import client_gone, event_stream_response, stream_slot
 from training.ml.prompt import Turn
 
 from . import services
@@ -103,12 +103,29 @@ def chat_completions(request: HttpRequest, user: AbstractBaseUser) -> HttpRespon
         temperature=body.get("temperature"),
         max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
     )
-    answer = services.answer_start(version=version, question=turns[-1].content, history=turns[:-1], chat=chat)
+    release = stream_slot()
+    if release is None:
+        busy = _error(
+            503, "The server is answering as many requests as it can; retry shortly.", "server_error"
+        )
+        busy["Retry-After"] = "10"
+        return busy
+    try:
+        answer = services.answer_start(
+            version=version, question=turns[-1].content, history=turns[:-1], chat=chat,
+            should_stop=client_gone(request),
+        )  # fmt: skip
+    except BaseException:
+        release()
+        raise
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": version.api_id}
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return event_stream_response(_stream(meta, answer, include_usage))
-    result = answer.complete()
+        return event_stream_response(_stream(meta, answer, include_usage), on_close=release)
+    try:
+        result = answer.complete()
+    finally:
+        release()
     return JsonResponse(
         meta
         | {

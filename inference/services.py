@@ -201,11 +201,15 @@ def _history(conversation: Conversation, before: Message) -> list[Turn]:
     ]
 
 
-def answer_stream(*, question: Message) -> Iterator[tuple[str, object]]:
+def answer_stream(
+    *, question: Message, should_stop: Callable[[], bool] | None = None
+) -> Iterator[tuple[str, object]]:
     """Events for the chat page: ("token", text)… then ("done", answer Message).
 
     The answer is saved however the stream ends — finished, or cut short when the browser goes
     away (the WSGI server then closes this generator) — so the conversation never loses a turn.
+    One stopped (should_stop(): the browser left) before the model wrote anything saves nothing:
+    the question stays unanswered, and the page answers it when it is opened again.
     """
     conversation = question.conversation
     chat = ChatSettings.clamped(**question.settings)
@@ -214,21 +218,25 @@ def answer_stream(*, question: Message) -> Iterator[tuple[str, object]]:
         question=question.content,
         history=_history(conversation, question),
         chat=chat,
+        should_stop=should_stop,
     )
+    reply = None
     try:
         for piece in answer.pieces:
             yield "token", piece
     finally:
         answer.pieces.close()  # type: ignore[attr-defined]
-        reply = Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.ASSISTANT,
-            content=answer.result.text,
-            sources=answer.sources,
-            usage=usage_of(answer.result),
-            reply_to=question,
-        )
-    yield "done", reply
+        if answer.result.completion_tokens or answer.result.finish_reason != "cancelled":
+            reply = Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.ASSISTANT,
+                content=answer.result.text,
+                sources=answer.sources,
+                usage=usage_of(answer.result),
+                reply_to=question,
+            )
+    if reply is not None:
+        yield "done", reply
 
 
 def message_html(message: Message) -> str:

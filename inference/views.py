@@ -15,7 +15,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from projects.http import project_context, project_or_404
 from projects.models import Project
-from slmstudio.http import AuthenticatedRequest, event_stream_response
+from slmstudio.http import AuthenticatedRequest, client_gone, event_stream_response, stream_slot
 from training.models import ModelVersion
 
 from . import cards, comparison, services
@@ -186,6 +186,12 @@ def ask(request: AuthenticatedRequest, slug: str, number: int) -> HttpResponse:
     )
 
 
+BUSY_MESSAGE = (
+    "The server is writing as many answers as it can right now, so this one could not start. "
+    "Reload the page in a minute to get it."
+)
+
+
 def _sse(event: str, data: object) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -218,7 +224,7 @@ def stream(request: AuthenticatedRequest, slug: str, number: int, message: int) 
             return
         yield ": generating\n\n"  # flushes headers at once, so the browser shows the stream started
         try:
-            for kind, value in services.answer_stream(question=question):
+            for kind, value in services.answer_stream(question=question, should_stop=client_gone(request)):
                 yield _sse("token", value) if kind == "token" else done_event(value)  # type: ignore[arg-type]
         except Exception:
             # Headers are sent: the page can only learn of a failure from an event in the stream.
@@ -230,7 +236,11 @@ def stream(request: AuthenticatedRequest, slug: str, number: int, message: int) 
                 },
             )
 
-    return event_stream_response(events())
+    release = stream_slot()
+    if release is None:
+        # Sent as an event, so the page shows it; the question stays unanswered until reloaded.
+        return event_stream_response(iter([_sse("failure", {"message": BUSY_MESSAGE})]))
+    return event_stream_response(events(), on_close=release)
 
 
 @login_required

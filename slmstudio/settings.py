@@ -208,6 +208,15 @@ Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 # larger ones go to a worker.
 PARSE_INLINE_MAX_BYTES = env_int("PARSE_INLINE_MAX_KB", 2048) * 1024
 
+# --- Web server ----------------------------------------------------------------------------
+# Threads per web process: gunicorn's --threads, which the Procfile reads from the same variable.
+# A streamed answer holds a thread while it waits for the model (one generation at a time per
+# process) and while it generates; a waiting thread costs almost nothing, so there are many.
+WEB_THREADS = env_int("WEB_THREADS", 32)
+# Streamed answers one web process serves at once (chat page and API). Past it a stream is
+# refused with "busy, try again" rather than queued, so at least 8 threads always serve pages.
+STREAMS_PER_PROCESS = env_int("STREAMS_PER_PROCESS", max(1, WEB_THREADS - 8))
+
 # --- Celery --------------------------------------------------------------------------------
 # Default: an on-disk broker under DATA_DIR, so no server is needed. Set CELERY_BROKER_URL
 # (e.g. redis://localhost:6379/0) for the production stack.
