@@ -2,7 +2,7 @@
 
     cd /work/main && .venv/bin/python bench/distillation.py [--target 0.5] [--max-steps N]
         [--limit N] [--eval-tokens 8192] [--speed-repeats 2] [--no-full] [--no-ablation]
-        [--work DIR] [--out DIR]
+        [--work DIR [--reuse]] [--out DIR]
 
 Question (issue 7): the seed promises a "60-90% smaller" model that "performs similarly". A
 student half the size (or smaller) of a teacher is trained from the teacher and measured beside it,
@@ -207,11 +207,20 @@ def train(
     say: Any,
     distill: Any = None,
     teacher_cache: Path | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """train_lora in a fresh folder; `teacher_cache`, another distillation run's cached teacher
     logits for the same examples, is copied in first (train_lora checks that it fits and reads it
-    instead of running the teacher again)."""
+    instead of running the teacher again). With `reuse`, a model this folder already holds from
+    an earlier run of the script (same settings) is taken as it is."""
     from training.ml.lora import train_lora
+
+    folder = work / f"{name}_run"
+    if reuse and (folder / "merged").is_dir():
+        kept = _reused_build(folder, steps_per_epoch=None)
+        if kept is not None:
+            say(f"  {name}: reused from {folder} (trained by an earlier run)")
+            return kept
 
     def on_point(point: Any) -> None:
         if point.step == 1 or point.step % 10 == 0 or point.step == point.total_steps:
@@ -232,7 +241,6 @@ def train(
                 f"{teacher_seconds[-1]:.0f}s after the start (loading included)"
             )
 
-    folder = work / f"{name}_run"
     shutil.rmtree(folder, ignore_errors=True)  # a kept --work folder: train afresh, never resume
     if teacher_cache is not None and teacher_cache.is_file():
         folder.mkdir(parents=True)
@@ -247,7 +255,7 @@ def train(
     if nonfinite:
         say(f"  WARNING {name}: steps {nonfinite} had a non-finite loss")
     gc.collect()
-    return {
+    build = {
         "hf": result.merged_dir,
         "wall_seconds": round(wall, 1),
         "loop_seconds": round(result.history[-1].seconds, 1) if result.history else 0.0,
@@ -269,6 +277,47 @@ def train(
             }
             for p in result.history
         ],
+    }
+    (folder / "bench-build.json").write_text(json.dumps(build | {"hf": str(build["hf"])}))
+    return build
+
+
+def _reused_build(folder: Path, steps_per_epoch: int | None) -> dict[str, Any] | None:
+    """What `train` returned for a model an earlier run trained in `folder`: its saved summary,
+    or, from a run before summaries were saved, the numbers its final checkpoint holds (the
+    wall-clock times are then the training loop's own)."""
+    summary = folder / "bench-build.json"
+    if summary.is_file():
+        build = json.loads(summary.read_text())
+        return build | {"hf": Path(build["hf"]), "reused": True}
+    checkpoints = sorted((folder / "checkpoints").glob("step-*"))
+    if not checkpoints:
+        return None
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    history = state["history"]
+    # train_loss as LoraResult gives it: the mean over the last epoch's steps.
+    per_epoch = max(1, round(state["step"] / max(state["epoch"], 1))) if state.get("epoch") else len(history)
+    recent = [
+        p["train_loss"] for p in history[-(steps_per_epoch or per_epoch) :] if p["train_loss"] is not None
+    ]
+    evals = [p["eval_loss"] for p in history if p["eval_loss"] is not None]
+    return {
+        "hf": folder / "merged",
+        "wall_seconds": round(state["seconds"], 1),
+        "loop_seconds": round(state["seconds"], 1),
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "tokens_per_second": round(state["tokens"] / state["seconds"], 1) if state["seconds"] else 0.0,
+        "train_loss": sum(recent) / len(recent) if recent else None,
+        "validation_loss_before": state["base_eval_loss"],
+        "validation_loss_after": evals[-1] if evals else None,
+        "last_distill_term": history[-1].get("distill_loss") if history else None,
+        "teacher_pass_seconds": None,
+        "teacher_cache_reused": None,
+        "history": [
+            {k: p.get(k) for k in ("step", "train_loss", "distill_loss", "eval_loss")} for p in history
+        ],
+        "reused": True,
     }
 
 
@@ -497,16 +546,18 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
 
         def convert(name: str) -> None:
             t = time.perf_counter()
-            converted = convert_hf_to_gguf(
-                hf_dirs[name], work / f"{name}.f16.gguf", out_type="f16", name=name
-            )
-            ggufs[name] = converted.path
+            out = work / f"{name}.f16.gguf"
+            if args.reuse and out.is_file() and builds.get(name, {}).get("reused", name == "base"):
+                ggufs[name], size = out, out.stat().st_size  # converted by an earlier run
+            else:
+                converted = convert_hf_to_gguf(hf_dirs[name], out, out_type="f16", name=name)
+                ggufs[name], size = converted.path, converted.size_bytes
             params, nonzero = pb.model_counts(hf_dirs[name])
             builds.setdefault(name, {}).update(
                 {
                     "parameters": params,
                     "nonzero": nonzero,
-                    "gguf_bytes": converted.size_bytes,
+                    "gguf_bytes": size,
                     "convert_seconds": round(time.perf_counter() - t, 1),
                 }
             )
@@ -517,7 +568,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
 
         # ---- teacher
         t = time.perf_counter()
-        builds["teacher"] = train("teacher", base_hf, plain_train, plain_held, settings, work, say)
+        builds["teacher"] = train(
+            "teacher", base_hf, plain_train, plain_held, settings, work, say, reuse=args.reuse
+        )
         hf_dirs["teacher"] = builds["teacher"]["hf"]
         convert("teacher")
         timings["teacher"] = time.perf_counter() - t
@@ -530,9 +583,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
             tokenizer, train_texts, samples=defaults.calibration_samples,
             length=defaults.calibration_length, seed=SEED,
         )  # fmt: skip
-        builds["pruned"] = {
-            "prune": prune_student(base_hf, tokenizer, windows, args.target, work / "pruned_hf")
-        }
+        pruned_summary = work / "pruned.json"
+        if args.reuse and pruned_summary.is_file() and (work / "pruned_hf").is_dir():
+            builds["pruned"] = {"prune": json.loads(pruned_summary.read_text()), "reused": True}
+        else:
+            builds["pruned"] = {
+                "prune": prune_student(base_hf, tokenizer, windows, args.target, work / "pruned_hf")
+            }
+            pruned_summary.write_text(json.dumps(builds["pruned"]["prune"]))
         hf_dirs["pruned"] = work / "pruned_hf"
         convert("pruned")
         timings["prune"] = time.perf_counter() - t
@@ -573,6 +631,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:  # noqa: 
                 # kd_full shares kd's temperature, so kd's cached teacher rows fit it; the
                 # cache is per temperature (kd_t2 and kd_t1 run the teacher again, ~10 s).
                 teacher_cache=work / "kd_run" / TEACHER_CACHE if full else None,
+                reuse=args.reuse,
             )
             hf_dirs[name] = builds[name]["hf"]
             convert(name)
@@ -953,6 +1012,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-ablation", action="store_true", help="skip the KD students at temperatures 2 and 1"
     )
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --work: take the models an earlier run trained there instead of training again",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results")
     args = parser.parse_args(argv)
     if args.max_steps is not None and args.max_steps < 1:

@@ -142,18 +142,18 @@ def test_a_build_past_its_time_limit_times_out_with_a_checkpoint_and_resumes(
     install: Install, tmp_path: Path
 ) -> None:
     slug = _project_with_tiny_model(install, tmp_path)
-    worker = install.start_worker(BUILD_TIME_LIMIT="20")
+    worker = install.start_worker(BUILD_TIME_LIMIT="15")
     started = install.manage(
         "build", slug, "--recipe", "lora", "--base", "tiny",
-        "--set", "lora.max_steps=3000", "--set", "lora.checkpoint_every=100000", *LORA,
+        "--set", "lora.max_steps=800", "--set", "lora.checkpoint_every=100000", *LORA,
     )  # fmt: skip
     build_id = json.loads(started.stdout)["build"]
 
     build = _wait_for_end(install, build_id, timeout=240)
     assert build["status"] == "timed_out", install.report(f"build: {build}")
-    assert "time limit of 20 seconds" in build["error"] and "Resume" in build["error"], build["error"]
+    assert "time limit of 15 seconds" in build["error"] and "Resume" in build["error"], build["error"]
     stopped_at = _lora_history(install, build_id)[-1]
-    assert 0 < stopped_at < 3000
+    assert 0 < stopped_at < 800
     checkpoints = list(install.data_dir.glob(f"builds/{build_id}/*-lora/checkpoints/step-*"))
     assert [int(p.name.split("-")[1]) for p in checkpoints] == [stopped_at], checkpoints
     assert install.step_row(build_id, "lora")["status"] == "pending"
@@ -166,7 +166,7 @@ def test_a_build_past_its_time_limit_times_out_with_a_checkpoint_and_resumes(
     assert json.loads(resumed.stdout)["status"] == "succeeded", install.report(resumed.stdout)
     assert _resumed_from(install, build_id) == [stopped_at]
     lora = install.step_row(build_id, "lora")["metrics"]
-    assert [p["step"] for p in lora["history"] if p["train_loss"] is not None] == list(range(1, 3001))
+    assert [p["step"] for p in lora["history"] if p["train_loss"] is not None] == list(range(1, 801))
 
 
 # --- Disk full -------------------------------------------------------------------------------
@@ -253,9 +253,9 @@ def test_out_of_memory_fails_the_build_readably_and_the_worker_lives_on(
     install: Install, tmp_path: Path
 ) -> None:
     slug = _project_with_tiny_model(install, tmp_path)
-    # A second base model about 150 MB in fp32: more than the memory the worker will have left.
+    # A second base model about 60 MB in fp32: more than the memory the worker will have left.
     big = make_tiny_llama(
-        tmp_path / "big-llama", hidden=768, intermediate=3072, layers=4, heads=12, kv_heads=4
+        tmp_path / "big-llama", hidden=512, intermediate=2048, layers=4, heads=8, kv_heads=4
     )
     install.manage("basemodels", "--add", str(big), "--name", "Big", timeout=600)
     worker: Worker = install.start_worker()
@@ -278,7 +278,7 @@ def test_out_of_memory_fails_the_build_readably_and_the_worker_lives_on(
         * 1024
     )
     soft, hard = resource.prlimit(pool, resource.RLIMIT_AS)
-    resource.prlimit(pool, resource.RLIMIT_AS, (size + 64 * 2**20, hard))
+    resource.prlimit(pool, resource.RLIMIT_AS, (size + 16 * 2**20, hard))
     try:
         starved = install.manage(
             "build", slug, "--recipe", "lora", "--base", "big", "--set", "lora.max_steps=5", *LORA,
