@@ -63,6 +63,16 @@ print(project.documents.count())
 """
 
 
+_ADD_PAIRS = """
+import sys
+from projects.models import Project
+from projects.services import pair_create
+project = Project.objects.get(slug=sys.argv[1])
+for i in range(int(sys.argv[2])):
+    pair_create(project=project, instruction=f"How do I reset pump P-{i}00?", input="", response=f"Hold RESET for {i + 2} seconds.")
+"""
+
+
 class Worker:
     """`celery worker` in its own process group, logging to a file."""
 
@@ -206,6 +216,10 @@ class Install:
         added = self.python(_ADD_DOCUMENTS, slug, *map(str, documents))
         assert int(added.stdout.strip()) == len(documents), self.report("documents not stored")
         return slug
+
+    def add_pairs(self, slug: str, count: int = 12) -> None:
+        """`count` short instruction pairs, enough for a tiny model to train on."""
+        self.python(_ADD_PAIRS, slug, str(count))
 
     # --- reading the installation's database -------------------------------------------------
 

@@ -26,15 +26,6 @@ pytestmark = [pytest.mark.services]
 
 redis_server = factories.redis_proc(executable="/usr/bin/redis-server", port=None)
 
-_ADD_PAIRS = """
-import sys
-from projects.models import Project
-from projects.services import pair_create
-project = Project.objects.get(slug=sys.argv[1])
-for i in range(12):
-    pair_create(project=project, instruction=f"How do I reset pump P-{i}00?", input="", response=f"Hold RESET for {i + 2} seconds.")
-print(project.pairs.count())
-"""
 
 # Many short steps of a tiny model: long enough to stop part-way, short enough to finish after.
 LORA = [
@@ -55,7 +46,7 @@ def _project_with_tiny_model(install: Install, tmp_path: Path, **model: Any) -> 
     src = tmp_path / "src"
     src.mkdir()
     slug = install.prepare([make_pdf(src), make_markdown(src)])
-    install.python(_ADD_PAIRS, slug)
+    install.add_pairs(slug)
     tiny = make_tiny_llama(tmp_path / "tiny-llama", **model)
     install.manage("basemodels", "--add", str(tiny), "--name", "Tiny", timeout=300)
     return slug

@@ -132,16 +132,6 @@ def test_kills_during_embedding_and_quantization(install: Install, tmp_path: Pat
     assert not leftovers, leftovers
 
 
-_ADD_PAIRS = """
-import sys
-from projects.models import Project
-from projects.services import pair_create
-project = Project.objects.get(slug=sys.argv[1])
-for i in range(12):
-    pair_create(project=project, instruction=f"How do I reset pump P-{i}00?", input="", response=f"Hold RESET for {i + 2} seconds.")
-"""
-
-
 def test_a_kill_during_distillation_resumes_without_asking_the_teacher_again(
     install: Install, tmp_path: Path, redis_server: Any
 ) -> None:
@@ -149,7 +139,7 @@ def test_a_kill_during_distillation_resumes_without_asking_the_teacher_again(
     src = tmp_path / "src"
     src.mkdir()
     slug = install.prepare([_make_manual(src / "manual.pdf", 0, 2)])
-    install.python(_ADD_PAIRS, slug)
+    install.add_pairs(slug)
     student = make_tiny_llama(tmp_path / "student", seed=0)
     teacher = make_tiny_llama(tmp_path / "teacher", seed=1)
     install.manage("basemodels", "--add", str(student), "--name", "Student")

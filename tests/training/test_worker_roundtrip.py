@@ -197,16 +197,6 @@ def test_worker_killed_mid_build_is_recovered(install: Install, tmp_path: Path) 
 
 # --- A worker killed mid-training -----------------------------------------------------------
 
-_ADD_PAIRS = """
-import sys
-from projects.models import Project
-from projects.services import pair_create
-project = Project.objects.get(slug=sys.argv[1])
-for i in range(12):
-    pair_create(project=project, instruction=f"How do I reset pump P-{i}00?", input="", response=f"Hold RESET for {i + 2} seconds.")
-print(project.pairs.count())
-"""
-
 
 @pytest.mark.abuse
 def test_worker_killed_mid_training_resumes_from_its_checkpoint(install: Install, tmp_path: Path) -> None:
@@ -215,7 +205,7 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(install: Install
     tiny = make_tiny_llama(tmp_path / "tiny-llama")
     src = tmp_path / "src"
     slug = install.prepare(_two_documents(src))
-    install.python(_ADD_PAIRS, slug)
+    install.add_pairs(slug)
     install.manage("basemodels", "--add", str(tiny), "--name", "Tiny")
     first = install.start_worker()
     started = install.manage(
