@@ -214,8 +214,9 @@ PARSE_INLINE_MAX_BYTES = env_int("PARSE_INLINE_MAX_KB", 2048) * 1024
 # process) and while it generates; a waiting thread costs almost nothing, so there are many.
 WEB_THREADS = env_int("WEB_THREADS", 32)
 # Streamed answers one web process serves at once (chat page and API). Past it a stream is
-# refused with "busy, try again" rather than queued, so at least 8 threads always serve pages.
-STREAMS_PER_PROCESS = env_int("STREAMS_PER_PROCESS", max(1, WEB_THREADS - 8))
+# refused with "busy, try again" rather than queued, so a quarter of the threads (8 of 32, at
+# least 2) always serve pages.
+STREAMS_PER_PROCESS = env_int("STREAMS_PER_PROCESS", max(1, WEB_THREADS - max(2, WEB_THREADS // 4)))
 
 # --- Celery --------------------------------------------------------------------------------
 # Default: an on-disk broker under DATA_DIR, so no server is needed. Set CELERY_BROKER_URL
