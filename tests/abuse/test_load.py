@@ -42,15 +42,6 @@ pytestmark = [pytest.mark.services]
 
 PAGE_BOUND_SECONDS = 10.0  # see test_twenty_streams_and_two_builds_leave_the_other_pages_answering
 
-_ADD_PAIRS = """
-import sys
-from projects.models import Project
-from projects.services import pair_create
-project = Project.objects.get(slug=sys.argv[1])
-for i in range(12):
-    pair_create(project=project, instruction=f"How do I reset pump P-{i}00?", input="", response=f"Hold RESET for {i + 2} seconds.")
-"""
-
 _API_TOKEN = """
 from django.contrib.auth.models import User
 from inference.services import api_token_create
@@ -182,7 +173,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         src = tmp_path / "src"
         src.mkdir()
         slug = install.prepare([make_pdf(src), make_markdown(src)])
-        install.python(_ADD_PAIRS, slug)
+        install.add_pairs(slug)
         tiny = make_tiny_llama(tmp_path / "tiny-llama")
         install.manage("basemodels", "--add", str(tiny), "--name", "Tiny", timeout=300)
         # The chat-able version: the bundled model answering from an index of the two documents,
@@ -337,9 +328,10 @@ def _message_usage(site: Site, question_id: int) -> dict[str, Any] | None:
 
 
 def test_twenty_streams_and_two_builds_leave_the_other_pages_answering(site: Site) -> None:
-    """The bound: a page that normally answers in well under a second may take up to 10 s while
-    two builds and two generations share two cores, but never waits for the streams ahead of it
-    to finish (20 answers take minutes here)."""
+    """The bound, 10 s per page: a page answers in about 20 ms on an idle machine and under 2 s
+    here while two builds and two generations share the two cores; a page queued behind the
+    streams waits for them to finish instead (21-23 s measured with the old 2 x 8 threads), and a
+    user has given up by then."""
     install = site.install
     install.start_worker()
     install.start_worker()
