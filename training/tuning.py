@@ -110,6 +110,8 @@ def _train(
     try:
         result = lora.train_lora(
             weights, train, held, ctx.workdir, settings, on_point=on_point, should_stop=ctx.cancel_requested,
+            # Said when it happens: a resumed run may itself be stopped before it ends.
+            on_resume=lambda step: ctx.log(f"Resumed training from the checkpoint at step {step}."),
             **(
                 {
                     "distill": distill,
@@ -125,8 +127,6 @@ def _train(
         ctx.step.metrics = {"history": history}
         BuildStep.objects.filter(pk=ctx.step.pk).update(metrics=ctx.step.metrics)
         raise BuildCancelled from None
-    if result.resumed_from:
-        ctx.log(f"Resumed training from the checkpoint at step {result.resumed_from}.")
     ctx.output("hf_dir", result.merged_dir)
     if result.adapter_dir is not None:  # a full fine-tune has no adapter
         ctx.output("adapter_dir", result.adapter_dir)

@@ -132,32 +132,39 @@ def test_sigterm_requeues_the_build_which_resumes_where_it_stopped(
 def test_a_build_past_its_time_limit_times_out_with_a_checkpoint_and_resumes(
     install: Install, tmp_path: Path
 ) -> None:
+    """Far more steps than fit in the limit, whatever the machine's speed: the build times out,
+    is resumed (by the CLI twin of the Resume button), continues from the step it stopped at, and
+    times out again further on."""
     slug = _project_with_tiny_model(install, tmp_path)
-    worker = install.start_worker(BUILD_TIME_LIMIT="15")
+    worker = install.start_worker(BUILD_TIME_LIMIT="10")
     started = install.manage(
         "build", slug, "--recipe", "lora", "--base", "tiny",
-        "--set", "lora.max_steps=800", "--set", "lora.checkpoint_every=100000", *LORA,
+        "--set", "lora.max_steps=100000", "--set", "lora.checkpoint_every=100000", *LORA,
     )  # fmt: skip
     build_id = json.loads(started.stdout)["build"]
 
     build = _wait_for_end(install, build_id, timeout=240)
     assert build["status"] == "timed_out", install.report(f"build: {build}")
-    assert "time limit of 15 seconds" in build["error"] and "Resume" in build["error"], build["error"]
+    assert "time limit of 10 seconds" in build["error"] and "Resume" in build["error"], build["error"]
     stopped_at = _lora_history(install, build_id)[-1]
-    assert 0 < stopped_at < 800
+    assert stopped_at > 0
     checkpoints = list(install.data_dir.glob(f"builds/{build_id}/*-lora/checkpoints/step-*"))
     assert [int(p.name.split("-")[1]) for p in checkpoints] == [stopped_at], checkpoints
     assert install.step_row(build_id, "lora")["status"] == "pending"
     worker.stop()
 
-    install.start_worker()  # the default limit: hours
+    install.start_worker(BUILD_TIME_LIMIT="10")
     resumed = install.manage(
-        "resumebuild", str(build_id), "--wait", "--timeout", "400", timeout=450, check=False
+        "resumebuild", str(build_id), "--wait", "--timeout", "240", timeout=300, check=False
     )
-    assert json.loads(resumed.stdout)["status"] == "succeeded", install.report(resumed.stdout)
+    assert json.loads(resumed.stdout)["status"] == "timed_out", install.report(resumed.stdout)
     assert _resumed_from(install, build_id) == [stopped_at]
-    lora = install.step_row(build_id, "lora")["metrics"]
-    assert [p["step"] for p in lora["history"] if p["train_loss"] is not None] == list(range(1, 801))
+    steps = [
+        p["step"]
+        for p in install.step_row(build_id, "lora")["metrics"]["history"]
+        if p["train_loss"] is not None
+    ]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > stopped_at, (stopped_at, steps[-3:])
 
 
 # --- Disk full -------------------------------------------------------------------------------

@@ -167,7 +167,10 @@ def test_a_kill_during_distillation_resumes_without_asking_the_teacher_again(
     resumed = [m for m in logs if m.startswith("Resumed training from the checkpoint")]
     assert resumed, install.report("no resume logged")
     checkpoint = int(resumed[0].rsplit(" ", 1)[1].rstrip("."))
-    assert checkpoint % 20 == 0 and killed_at - 20 <= checkpoint <= killed_at, (checkpoint, killed_at)
+    # The last checkpoint before the kill: a multiple of checkpoint_every. The history seen in the
+    # database (written every few seconds) may lag the step the process had reached, so it bounds
+    # the checkpoint from below only.
+    assert checkpoint % 20 == 0 and killed_at - 20 <= checkpoint < 300, (checkpoint, killed_at)
     history = install.step_row(build_id, "distill")["metrics"]["history"]
     assert [p["step"] for p in history if p["train_loss"] is not None] == list(range(1, 301))
     assert all(p.get("distill_loss") is not None for p in history)

@@ -56,7 +56,7 @@ def everything(project, owner, tmp_path):  # type: ignore[no-untyped-def]
         "projects-document": doc.pk, "projects-document-row": doc.pk, "projects-document-delete": doc.pk,
         "projects-pair-edit": pair.pk, "projects-pair-delete": pair.pk,
         "projects-member-remove": membership.pk,
-        "training-build-detail": build.pk, "training-build-cancel": build.pk,
+        "training-build-detail": build.pk, "training-build-cancel": build.pk, "training-build-resume": build.pk,
         "number": version.number, "conversation": conversation.pk, "message": question.pk,
         "training-teacher-check": teacher.pk, "training-teacher-remove": teacher.pk,
         "training-generation-status": run.pk, "training-generation-cancel": run.pk,

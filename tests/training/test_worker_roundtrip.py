@@ -241,8 +241,10 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(install: Install
     ]
     assert resumed, install.report("no resume logged")
     checkpoint = int(resumed[0].rsplit(" ", 1)[1].rstrip("."))
-    # The last checkpoint before the kill: a multiple of checkpoint_every, at most 20 steps back.
-    assert checkpoint % 20 == 0 and killed_at - 20 <= checkpoint <= killed_at, (checkpoint, killed_at)
+    # The last checkpoint before the kill: a multiple of checkpoint_every. The history seen in the
+    # database (written every few seconds) may lag the step the process had reached, so it bounds
+    # the checkpoint from below only.
+    assert checkpoint % 20 == 0 and killed_at - 20 <= checkpoint < 400, (checkpoint, killed_at)
     lora = install.step_row(build_id, "lora")["metrics"]
     assert lora["steps"] == 400, lora
     steps = [p["step"] for p in lora["history"] if p["train_loss"] is not None]

@@ -615,8 +615,10 @@ def train_lora(
     device: str | None = None,
     distill: Distillation | None = None,
     on_teacher: Callable[[int, int], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> LoraResult:
-    """Train a LoRA adapter on `train`, resuming from `work_dir`'s last checkpoint if it has one.
+    """Train a LoRA adapter on `train`, resuming from `work_dir`'s last checkpoint if it has one
+    (`on_resume(step)` is told at once, before any training).
 
     `on_point` is called after every step (keep it cheap; it runs on the training thread).
     `should_stop` is asked before every step and between eval batches; when it says stop, a
@@ -655,7 +657,10 @@ def train_lora(
             distill=distill,
         )
         return run.execute(
-            on_point=on_point, should_stop=should_stop or (lambda: False), on_teacher=on_teacher
+            on_point=on_point,
+            should_stop=should_stop or (lambda: False),
+            on_teacher=on_teacher,
+            on_resume=on_resume,
         )
     finally:
         torch.set_num_threads(threads_before)
@@ -807,6 +812,7 @@ class _Run:
         on_point: Callable[[TrainPoint], None] | None,
         should_stop: Callable[[], bool],
         on_teacher: Callable[[int, int], None] | None = None,
+        on_resume: Callable[[int], None] | None = None,
     ) -> LoraResult:
         progress = _Progress()
         resumed_from = None
@@ -814,6 +820,8 @@ class _Run:
         if loaded is not None:
             progress = loaded
             resumed_from = progress.step
+            if on_resume is not None:
+                on_resume(progress.step)
         if self.distill is not None and progress.step < self.total_steps:
             # A stop while the teacher runs leaves self.teacher None; the checkpoint is written
             # outside the handler, so the TrainingStopped raised then has no chained context.
