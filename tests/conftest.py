@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from django.test import Client
 from projects.models import Membership, Project
 from projects.parsing import parse_file
 from projects.services import membership_invite, project_create
+from tests.installation import Install
 from training.models import ModelVersion
 
 
@@ -119,3 +121,14 @@ def version(project, rag_index) -> ModelVersion:  # type: ignore[no-untyped-def]
         index_dir=str(rag_index),
         metrics={"rag": {"documents": 3, "chunks": 5}},
     )
+
+
+@pytest.fixture
+def install(tmp_path: Path) -> Iterator[Install]:
+    """An installation of the app run by real processes (tests/installation.py); its workers are
+    stopped when the test ends."""
+    installation = Install(tmp_path)
+    try:
+        yield installation
+    finally:
+        installation.stop_all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -235,8 +236,6 @@ def _remove_half_written(workdir: Path) -> None:
     """Delete what an earlier attempt of this step left half-written in its folder when its
     worker was killed: every writer here writes under a dot-name and renames into place, and
     no other process writes into this build's folders while we hold its claim."""
-    import shutil
-
     if not workdir.is_dir():
         return
     for leftover in workdir.glob(".*"):
@@ -314,8 +313,6 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _free_megabytes(path: Path) -> int | None:
-    import shutil
-
     try:
         return shutil.disk_usage(path).free // 2**20
     except OSError:

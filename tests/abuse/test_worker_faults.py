@@ -33,15 +33,6 @@ LORA = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def install(tmp_path: Path) -> Iterator[Install]:
-    installation = Install(tmp_path)
-    try:
-        yield installation
-    finally:
-        installation.stop_all()
-
-
 def _project_with_tiny_model(install: Install, tmp_path: Path, **model: Any) -> str:
     src = tmp_path / "src"
     src.mkdir()

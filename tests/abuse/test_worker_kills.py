@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,10 @@ DOCUMENTS, PAGES = 10, 30
 
 
 @pytest.fixture
-def install(tmp_path: Path) -> Iterator[Install]:
-    installation = Install(tmp_path)
+def install(install: Install) -> Install:
     # The evaluation every build ends with, kept short: it is not what these tests are about.
-    installation.env.update(EVAL_MAX_TOKENS="256", EVAL_MAX_PAIRS="2", EVAL_ANSWER_TOKENS="16")
-    try:
-        yield installation
-    finally:
-        installation.stop_all()
+    install.env.update(EVAL_MAX_TOKENS="256", EVAL_MAX_PAIRS="2", EVAL_ANSWER_TOKENS="16")
+    return install
 
 
 def _step_outputs(install: Install, build_id: int, name: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,6 @@ pytestmark = pytest.mark.services
 
 # A session-scoped Redis on a free port, from Debian's server; configured here, not in ini files.
 redis_server = factories.redis_proc(executable="/usr/bin/redis-server", port=None)
-
-
-@pytest.fixture
-def install(tmp_path: Path) -> Iterator[Install]:
-    installation = Install(tmp_path)
-    try:
-        yield installation
-    finally:
-        installation.stop_all()
 
 
 def _two_documents(directory: Path) -> list[Path]:
