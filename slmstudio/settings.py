@@ -6,6 +6,7 @@ file and the embedded broker's queue), so two processes given the same DATA_DIR 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from datetime import timedelta
@@ -14,6 +15,9 @@ from pathlib import Path
 import dj_database_url
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
+
+from slmstudio import startup
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -41,8 +45,17 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+PRODUCTION = env_bool("SLM_PRODUCTION", False)
 DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "var"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def ensure_dir(path: Path) -> None:
+    # An unwritable DATA_DIR is reported by the start-up check below, with the other problems.
+    with contextlib.suppress(OSError):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+ensure_dir(DATA_DIR)
 
 
 def _secret_key() -> str:
@@ -52,8 +65,9 @@ def _secret_key() -> str:
     installation (web, workers) agrees on it, without anyone having to configure a secret.
     """
     from_env = os.environ.get("SECRET_KEY")
-    if from_env:
-        return from_env
+    # Production without one, or an unwritable DATA_DIR: refused by the start-up check below.
+    if from_env or PRODUCTION or not startup.writable(DATA_DIR):
+        return from_env or ""
     key_file = DATA_DIR / "secret_key"
     if not key_file.exists():
         tmp = key_file.with_suffix(f".{os.getpid()}.tmp")
@@ -70,8 +84,8 @@ def _field_key() -> str:
     """The Fernet key that encrypts stored secrets (teachers' API keys). Separate from SECRET_KEY,
     so rotating sessions' key does not make the stored secrets unreadable; kept like it."""
     from_env = os.environ.get("FIELD_ENCRYPTION_KEY")
-    if from_env:
-        return from_env
+    if from_env or PRODUCTION or not startup.writable(DATA_DIR):
+        return from_env or ""
     key_file = DATA_DIR / "field_key"
     if not key_file.exists():
         from cryptography.fernet import Fernet
@@ -104,10 +118,13 @@ INSTALLED_APPS = [
     "projects",
     "training",
     "inference",
+    "ops",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # First after security: every log line of the request carries its id (LOG_FORMAT=json).
+    "slmstudio.logs.RequestContextMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -184,7 +201,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
-STATIC_ROOT.mkdir(exist_ok=True)
+ensure_dir(STATIC_ROOT)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -203,7 +220,7 @@ FILE_UPLOAD_HANDLERS = [
     "django.core.files.uploadhandler.TemporaryFileUploadHandler",
 ]
 FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "tmp")
-Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
+ensure_dir(Path(FILE_UPLOAD_TEMP_DIR))
 # Files up to this size are parsed in the upload request so the user sees the result at once;
 # larger ones go to a worker.
 PARSE_INLINE_MAX_BYTES = env_int("PARSE_INLINE_MAX_KB", 2048) * 1024
@@ -227,7 +244,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     _queue_dir = DATA_DIR / "broker" / "queue"
     _control_dir = DATA_DIR / "broker" / "control"
     for _d in (_queue_dir, _control_dir):
-        _d.mkdir(parents=True, exist_ok=True)
+        ensure_dir(_d)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
@@ -245,6 +262,17 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Two queues (ops.queues): "cpu" for parsing, embedding, conversion, quantization and
+# evaluation, "gpu" for training, distillation and pruning. A worker started without -Q consumes
+# both; `celery worker -Q gpu` on a GPU machine takes the training. Work for a queue no live
+# worker consumes goes to the other one.
+CELERY_TASK_QUEUES = (Queue("cpu"), Queue("gpu"))
+CELERY_TASK_DEFAULT_QUEUE = "cpu"
+# With Redis, a message a worker took but never acknowledged (the worker died) comes back after
+# this long; our own sweep re-queues such a build long before (BUILD_STALE_SECONDS), and a late
+# copy finds the build no longer waits for it (its dispatch token changed), so it runs once.
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("BROKER_VISIBILITY_TIMEOUT", 6 * 3600)}
 
 # --- Builds --------------------------------------------------------------------------------
 BUILD_HEARTBEAT_SECONDS = env_int("BUILD_HEARTBEAT_SECONDS", 5)
@@ -272,14 +300,31 @@ IMATRIX_MAX_TOKENS = env_int("IMATRIX_MAX_TOKENS", 4096)
 # a cosine distance of 3e-5) and in float32 elsewhere; "float32" or "bfloat16" force one.
 EMBEDDING_PRECISION = env_str("EMBEDDING_PRECISION", "auto")
 
+# LOG_FORMAT=json: one JSON object a line, with the build, document or request it concerns
+# (slmstudio.logs), for a log collector; "plain" (default) for a terminal.
+LOG_FORMAT = env_str("LOG_FORMAT", "plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "slmstudio.logs.ContextFilter"}},
+    "formatters": {
+        "plain": {"()": "slmstudio.logs.PlainFormatter"},
+        "json": {"()": "slmstudio.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# A worker that has not touched its row in the registry (ops.Worker) for this long is taken to be
+# gone: its queues no longer count as served. Workers touch it every BUILD_STALE_SECONDS / 2.
+WORKER_STALE_SECONDS = env_int("WORKER_STALE_SECONDS", 2 * BUILD_STALE_SECONDS)
 
 # Tests that run builds inside a test transaction turn the heartbeat thread off.
 BUILD_HEARTBEAT_THREAD = env_bool("BUILD_HEARTBEAT_THREAD", True)
@@ -337,16 +382,27 @@ AXES_VERBOSE = False
 # The default is a local install opened over plain http (`make run`), so HTTPS-only settings are
 # switched on only here. `manage.py check --deploy --fail-level WARNING` passes with these.
 # (Database, broker and storage for production are configured above through their URLs.)
-PRODUCTION = env_bool("SLM_PRODUCTION", False)
+# The start-up check (slmstudio.startup): an unsafe combination stops every process (web,
+# worker, manage.py) at once with the reasons, instead of running half-safe.
+_problems = startup.problems(
+    startup.Config(
+        production=PRODUCTION,
+        debug=DEBUG,
+        secret_key_from_env=bool(os.environ.get("SECRET_KEY")),
+        field_key_from_env=bool(os.environ.get("FIELD_ENCRYPTION_KEY")),
+        allowed_hosts=ALLOWED_HOSTS,
+        allowed_hosts_from_env=bool(os.environ.get("ALLOWED_HOSTS")),
+        database_engine=DATABASES["default"]["ENGINE"],
+        broker_url=CELERY_BROKER_URL,
+        data_dir=DATA_DIR,
+        data_dir_from_env=bool(os.environ.get("DATA_DIR")),
+        login_limits=AXES_ENABLED,
+        embedded_services_allowed=env_bool("ALLOW_EMBEDDED_SERVICES", False),
+    )
+)
+if _problems:
+    raise ImproperlyConfigured("SLM Studio will not start:\n- " + "\n- ".join(_problems))
 if PRODUCTION:
-    if not os.environ.get("SECRET_KEY"):
-        # A generated key on a shared DATA_DIR works, but production secrets must be managed (and
-        # rotated) by whoever runs the server, not appear silently in a data folder.
-        raise ImproperlyConfigured(
-            "SLM_PRODUCTION=1 needs SECRET_KEY in the environment (50+ random characters)."
-        )
-    if DEBUG:
-        raise ImproperlyConfigured("SLM_PRODUCTION=1 cannot run with DEBUG on.")
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600)

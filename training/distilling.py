@@ -61,7 +61,7 @@ def _teacher(ctx: StepContext, teacher_id: int) -> Teacher:
     return teacher
 
 
-@register("distill", "Learn from the teacher (distillation)")
+@register("distill", "Learn from the teacher (distillation)", queue="gpu")
 def distill_step(ctx: StepContext) -> dict:
     from .ml import lora
 

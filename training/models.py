@@ -107,6 +107,12 @@ class Build(models.Model):
     # What the wizard estimated when it started this build (training.wizard.estimate), shown next
     # to what was measured once it ends.
     estimates = models.JSONField(default=dict, blank=True)
+    # The queue its task message was last sent to ("cpu"/"gpu", ops.queues) and that message's
+    # token: only the newest message may claim the build, so a copy the broker redelivers late
+    # (Redis, after a worker died) or one left in a queue nobody consumes finds nothing to do.
+    queue = models.CharField(max_length=20, blank=True)
+    dispatch_token = models.CharField(max_length=32, blank=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -155,6 +161,10 @@ class BuildStep(models.Model):
     # The step's key number as it arrives ("12 of 40 documents read"), shown beside its bar.
     message = models.CharField(max_length=300, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    # The worker (Celery node name) that ran the step and its hardware ({"cores", "gpu"}): the
+    # wizard's estimates read measurements made on hardware like the one that will run a build.
+    worker = models.CharField(max_length=255, blank=True)
+    hardware = models.JSONField(default=dict, blank=True)
     # Paths of what the step produced, relative to DATA_DIR (e.g. {"index_dir": "builds/3/1-rag/index"}).
     outputs = models.JSONField(default=dict, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

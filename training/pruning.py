@@ -35,7 +35,7 @@ def _calibration_texts(ctx: StepContext) -> tuple[list[str], str]:
     return pairs, "instruction pairs" if pairs else "none"
 
 
-@register("prune", "Prune")
+@register("prune", "Prune", queue="gpu")
 def prune_step(ctx: StepContext) -> dict:
     """Prune the model folder the earlier steps made; the result replaces it for later steps."""
     from .ml import base_models, prune
@@ -138,7 +138,7 @@ def prune_step(ctx: StepContext) -> dict:
     return metrics
 
 
-@register("heal", "Heal after pruning (LoRA)")
+@register("heal", "Heal after pruning (LoRA)", queue="gpu")
 def heal_step(ctx: StepContext) -> dict:
     """A short LoRA fine-tune of the pruned model on the project's training pairs and document
     text, which recovers much of what pruning cost. Weights that pruning set to zero stay zero."""

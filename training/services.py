@@ -8,6 +8,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,8 +22,10 @@ from django.db.models import F, Max, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from ops import queues
 from projects.models import Project
 from slmstudio.lib.workers import worker_id, worker_is_dead
+from slmstudio.logs import log_context
 
 from .models import BaseModel, Build, BuildLog, BuildStep, ModelVersion, stored_path
 from .recipes import DEFAULT_RECIPE, RecipeError, recipe_plan
@@ -30,6 +33,7 @@ from .registry import base_has_weights, base_model_default
 from .steps import (
     SHUTDOWN_REQUESTED,
     STEP_LABELS,
+    STEP_QUEUES,
     STEP_RUNNERS,
     BuildCancelled,
     BuildInterrupted,
@@ -78,10 +82,30 @@ def build_start(
         BuildStep(build=build, index=i, name=s["name"], params=s["params"]) for i, s in enumerate(step_list)
     )
     BuildLog.objects.create(build=build, message="Build queued.")
+    _dispatch(build)
+    return build
+
+
+def _next_queue(build: Build) -> str:
+    """The queue for the build's next unfinished step, where live workers consume it."""
+    step = build.steps.exclude(status=BuildStep.Status.SUCCEEDED).order_by("index").first()
+    return queues.route(STEP_QUEUES.get(step.name, queues.CPU) if step else queues.CPU)
+
+
+def _dispatch(build: Build) -> str:
+    """Send the build's task message to the queue of its next step, once the current transaction
+    commits. Each message carries a fresh token and only the newest may claim the build
+    (build_claim), so re-sending never makes two runs. Returns the queue."""
     from .tasks import run_build_task
 
-    run_build_task.delay_on_commit(build.pk)
-    return build
+    queue, token = _next_queue(build), uuid.uuid4().hex
+    Build.objects.filter(pk=build.pk).update(queue=queue, dispatch_token=token, dispatched_at=timezone.now())
+    build.queue, build.dispatch_token = queue, token
+    pk = build.pk
+    transaction.on_commit(
+        lambda: run_build_task.apply_async(args=(pk,), kwargs={"token": token}, queue=queue)
+    )
+    return queue
 
 
 def recipe_problems(project: Project, plan) -> list[str]:  # type: ignore[no-untyped-def]
@@ -155,14 +179,18 @@ def build_cancel(*, build: Build) -> Build:
     return build
 
 
-def build_claim(*, build_id: int, worker: str) -> bool:
+def build_claim(*, build_id: int, worker: str, token: str | None = None) -> bool:
     """Move a queued build to running for this worker. False when it is not ours to run.
 
-    One conditional UPDATE: of two deliveries of the same message, exactly one gets the row.
+    One conditional UPDATE: of two deliveries of the same message, exactly one gets the row; a
+    message older than the build's latest dispatch (`token`) gets none.
     """
     now = timezone.now()
+    waiting = Build.objects.filter(pk=build_id, status=Build.Status.QUEUED)
+    if token is not None:
+        waiting = waiting.filter(dispatch_token=token)
     return bool(
-        Build.objects.filter(pk=build_id, status=Build.Status.QUEUED).update(
+        waiting.update(
             status=Build.Status.RUNNING,
             claimed_by=worker,
             attempts=F("attempts") + 1,
@@ -174,16 +202,25 @@ def build_claim(*, build_id: int, worker: str) -> bool:
     )
 
 
-def build_run(*, build_id: int) -> None:
-    """Claim and run a build's steps in order; steps already done (before a lost worker) are kept."""
+def build_run(*, build_id: int, token: str | None = None) -> None:
+    """Claim and run a build's steps in order; steps already done (before a lost worker) are kept.
+
+    A step that prefers another queue than this worker consumes (training on a GPU worker while
+    this one serves only `cpu`) is handed over: the build goes back to waiting, on that queue."""
     me = worker_id()
-    if not build_claim(build_id=build_id, worker=me):
-        log.info("build %s not claimable (already taken or finished); skipping", build_id)
+    if not build_claim(build_id=build_id, worker=me, token=token):
+        log.info("build %s not claimable (already taken, finished, or sent again since); skipping", build_id)
         return
     build = Build.objects.select_related("project").get(pk=build_id)
+    with log_context(build=build.pk, project=build.project.slug, worker=queues.node_name() or me):
+        _build_run_claimed(build, me)
+
+
+def _build_run_claimed(build: Build, me: str) -> None:
+    started = build.steps.filter(status=BuildStep.Status.SUCCEEDED).exists()
     if build.attempts > 1:
         BuildLog.objects.create(build=build, message=f"Resuming (attempt {build.attempts}).")
-    else:
+    elif not started:
         BuildLog.objects.create(build=build, message="Build started.")
     # Each attempt gets BUILD_TIME_LIMIT; past it the running step stops at its next safe point
     # (a training step writes a checkpoint first) and the build ends as timed out. Celery's own
@@ -194,14 +231,20 @@ def build_run(*, build_id: int) -> None:
     SHUTDOWN_REQUESTED.clear()
     step: BuildStep | None = None
     ctx: StepContext | None = None
+    hardware = _hardware_summary()
     with _Heartbeat(build.pk, me):
         try:
             for step in build.steps.exclude(status=BuildStep.Status.SUCCEEDED):
+                queue = queues.route(STEP_QUEUES.get(step.name, queues.CPU))
+                if not queues.serves(queue):
+                    _build_hand_over(build, me, step)
+                    return
                 ctx = StepContext(build=build, step=step, deadline=deadline)
                 ctx.check_cancel(force=True)
                 _remove_half_written(ctx.workdir)
-                _step_started(step)
-                metrics = STEP_RUNNERS[step.name](ctx)
+                _step_started(step, hardware)
+                with log_context(step=step.name):
+                    metrics = STEP_RUNNERS[step.name](ctx)
                 _step_finished(step, BuildStep.Status.SUCCEEDED, metrics)
             with transaction.atomic():
                 versions = _versions_create(build)
@@ -227,9 +270,34 @@ def build_run(*, build_id: int) -> None:
         except SoftTimeLimitExceeded:
             _build_timed_out(build, me, step)
         except Exception as exc:
-            log.exception("build %s failed in step %s", build_id, step)
+            log.exception("build %s failed in step %s", build.pk, step)
             _step_finished(step, BuildStep.Status.FAILED)
             _build_finished(build, me, Build.Status.FAILED, error=_unexpected_error(exc, step))
+
+
+def _hardware_summary() -> dict:
+    from ops.hardware import machine
+
+    hw = machine()
+    return {"cores": hw["cores"], "gpu": hw["gpu"]}
+
+
+def _build_hand_over(build: Build, worker: str, step: BuildStep) -> None:
+    """Give the build back to the queue of `step` (this worker does not consume it). Not a new
+    attempt: nothing went wrong."""
+    with transaction.atomic():
+        if not Build.objects.filter(pk=build.pk, claimed_by=worker, status=Build.Status.RUNNING).update(
+            status=Build.Status.QUEUED, claimed_by="", attempts=F("attempts") - 1
+        ):
+            return
+        queue = _dispatch(build)
+        where = "a GPU worker" if queue == queues.GPU else "a CPU worker"
+        BuildLog.objects.create(
+            build=build,
+            message=f"Step “{STEP_LABELS.get(step.name, step.name)}” runs on {where}: handed over to the "
+            f"{queue} queue.",
+        )
+    log.info("build %s handed over to the %s queue for step %s", build.pk, queue, step.name)
 
 
 def _remove_half_written(workdir: Path) -> None:
@@ -364,31 +432,56 @@ def _build_requeue_for_shutdown(build: Build, worker: str, step: BuildStep | Non
 
 def builds_dispatch_requeued() -> list[int]:
     """Send the task message of each build a stopping worker handed back (see above)."""
-    from .tasks import run_build_task
-
     sent = []
     for pk, flagged in Build.objects.filter(
         status=Build.Status.QUEUED, requeue_requested_at__isnull=False
     ).values_list("pk", "requeue_requested_at"):
         # Conditional: of two sweeping workers, one sends it.
-        if Build.objects.filter(pk=pk, status=Build.Status.QUEUED, requeue_requested_at=flagged).update(
-            requeue_requested_at=None
-        ):
-            run_build_task.delay(pk)
-            sent.append(pk)
+        with transaction.atomic():
+            if Build.objects.filter(pk=pk, status=Build.Status.QUEUED, requeue_requested_at=flagged).update(
+                requeue_requested_at=None
+            ):
+                _dispatch(Build.objects.get(pk=pk))
+                sent.append(pk)
     return sent
+
+
+def builds_reroute_stranded() -> list[int]:
+    """Send again, to a queue someone consumes, the builds waiting in a queue no live worker
+    consumes any more (the only GPU worker was stopped): they fall back to CPU workers rather
+    than wait for one that may never come. Only messages older than WORKER_STALE_SECONDS, so a
+    worker that is merely restarting keeps its work."""
+    served = queues.served_queues()
+    if not served:
+        return []
+    cutoff = timezone.now() - timedelta(seconds=settings.WORKER_STALE_SECONDS)
+    moved = []
+    for build in Build.objects.filter(
+        status=Build.Status.QUEUED, requeue_requested_at__isnull=True, dispatched_at__lt=cutoff
+    ).exclude(queue__in=[*served, ""]):
+        with transaction.atomic():
+            # Conditional on the token we saw: of two sweeping workers, one re-sends it.
+            if Build.objects.filter(
+                pk=build.pk, status=Build.Status.QUEUED, dispatch_token=build.dispatch_token
+            ).update(dispatched_at=timezone.now()):
+                was = build.queue
+                queue = _dispatch(build)
+                BuildLog.objects.create(
+                    build=build, level="warning",
+                    message=f"No worker consumes the {was} queue any more: sent to the {queue} queue instead.",
+                )  # fmt: skip
+                moved.append(build.pk)
+    return moved
 
 
 def build_resume(*, build: Build) -> Build:
     """Queue a timed-out build again; it continues from its last finished step and checkpoint."""
-    from .tasks import run_build_task
-
     with transaction.atomic():
         if Build.objects.filter(pk=build.pk, status=Build.Status.TIMED_OUT).update(
             status=Build.Status.QUEUED, error="", ended_at=None, claimed_by=""
         ):
             BuildLog.objects.create(build=build, message="Resumed: queued to continue where it stopped.")
-            transaction.on_commit(lambda: run_build_task.delay(build.pk))
+            _dispatch(build)
     build.refresh_from_db()
     return build
 
@@ -482,9 +575,10 @@ def _versions_create(build: Build) -> list[ModelVersion]:
     return versions
 
 
-def _step_started(step: BuildStep) -> None:
+def _step_started(step: BuildStep, hardware: dict) -> None:
     step.status, step.started_at, step.ended_at = BuildStep.Status.RUNNING, timezone.now(), None
-    step.save(update_fields=["status", "started_at", "ended_at"])
+    step.worker, step.hardware = queues.node_name() or worker_id(), hardware
+    step.save(update_fields=["status", "started_at", "ended_at", "worker", "hardware"])
 
 
 def _step_finished(step: BuildStep | None, status: str, metrics: dict | None = None) -> None:
@@ -582,8 +676,6 @@ def builds_recover_stale() -> list[int]:
 
 
 def _build_requeue(build: Build) -> bool:
-    from .tasks import run_build_task
-
     # Guard on the state we saw, so two sweeping workers cannot both act on one build.
     same = Build.objects.filter(
         pk=build.pk, status=build.status, claimed_by=build.claimed_by, heartbeat_at=build.heartbeat_at
@@ -610,7 +702,7 @@ def _build_requeue(build: Build) -> bool:
     BuildLog.objects.create(
         build=build, level="warning", message="The worker running this build stopped; re-queued to resume."
     )
-    transaction.on_commit(lambda: run_build_task.delay(build.pk))
+    _dispatch(build)
     return True
 
 

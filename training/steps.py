@@ -154,12 +154,16 @@ class StepContext:
 StepRunner = Callable[[StepContext], dict]
 STEP_RUNNERS: dict[str, StepRunner] = {}
 STEP_LABELS: dict[str, str] = {}
+# The queue each step prefers (ops.queues): "gpu" for the steps a GPU speeds up by an order of
+# magnitude (training, distillation, pruning's calibration passes), "cpu" for the rest.
+STEP_QUEUES: dict[str, str] = {}
 
 
-def register(name: str, label: str) -> Callable[[StepRunner], StepRunner]:
+def register(name: str, label: str, *, queue: str = "cpu") -> Callable[[StepRunner], StepRunner]:
     def wrap(fn: StepRunner) -> StepRunner:
         STEP_RUNNERS[name] = fn
         STEP_LABELS[name] = label
+        STEP_QUEUES[name] = queue
         return fn
 
     return wrap

@@ -23,12 +23,12 @@ def _run_build_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type
     soft_time_limit=settings.BUILD_TIME_LIMIT + settings.BUILD_STOP_GRACE,
     time_limit=settings.BUILD_TIME_LIMIT + 2 * settings.BUILD_STOP_GRACE,
 )
-def run_build_task(build_id: int) -> None:
+def run_build_task(build_id: int, token: str | None = None) -> None:
     from .services import build_run
     from .worker import sigterm_stops_builds
 
     with sigterm_stops_builds():
-        build_run(build_id=build_id)
+        build_run(build_id=build_id, token=token)
 
 
 @shared_task(

@@ -169,7 +169,7 @@ def _weights(ctx: StepContext) -> Path:
     return weights
 
 
-@register("lora", "Fine-tune on your pairs (LoRA)")
+@register("lora", "Fine-tune on your pairs (LoRA)", queue="gpu")
 def lora_step(ctx: StepContext) -> dict:
     """LoRA on the train split of the instruction pairs; validation loss on the eval split."""
     from transformers import AutoTokenizer
@@ -180,7 +180,7 @@ def lora_step(ctx: StepContext) -> dict:
     return _train(ctx, weights, _plain_examples(train, count), _plain_examples(held, count), {})
 
 
-@register("raft", "Fine-tune to answer from passages (RAFT)")
+@register("raft", "Fine-tune to answer from passages (RAFT)", queue="gpu")
 def raft_step(ctx: StepContext) -> dict:
     """LoRA on retrieval-augmented examples: each question with its oracle passage among
     distractors (or without it, in a share of examples), answered with a citation — exactly the

@@ -39,14 +39,21 @@ _shutting_down = threading.Event()
 def sweep() -> None:
     from datetime import timedelta
 
+    from ops.queues import node_name
+    from ops.services import worker_seen
     from projects.services import documents_requeue_stale
 
-    from .services import builds_dispatch_requeued, builds_recover_stale
+    from .services import builds_dispatch_requeued, builds_recover_stale, builds_reroute_stranded
     from .teachers import generation_runs_recover_stale
 
     if _shutting_down.is_set():
         return
     try:
+        if node_name():
+            worker_seen(name=node_name())
+        moved = builds_reroute_stranded()
+        if moved:
+            log.warning("builds %s waited in a queue no live worker consumes; sent elsewhere", moved)
         handed_back = builds_dispatch_requeued()
         if handed_back:
             log.info("resuming builds %s that a stopping worker handed back", handed_back)
@@ -71,14 +78,36 @@ def _loop() -> None:
 
 
 @worker_ready.connect
-def _on_worker_ready(**kwargs: object) -> None:
+def _on_worker_ready(sender: object = None, **kwargs: object) -> None:
+    from ops.queues import consumed_queues, node_name
+    from ops.services import worker_register
+
+    try:
+        # Announced before the first sweep, so the sweep already counts this worker's queues.
+        worker_register(
+            name=node_name() or "worker",
+            queues=sorted(consumed_queues() or ()),
+            concurrency=getattr(getattr(sender, "controller", None), "concurrency", None),
+        )
+    except Exception:  # a worker that cannot announce itself still works; the sweep says why
+        log.exception("could not register this worker")
     sweep()
     threading.Thread(target=_loop, daemon=True, name="stale-sweep").start()
 
 
 @worker_shutdown.connect
 def _on_worker_shutdown(**kwargs: object) -> None:
+    from ops.queues import node_name
+    from ops.services import worker_stopped
+
     _stop.set()
+    try:
+        if node_name():
+            worker_stopped(name=node_name())
+    except Exception:
+        log.exception("could not sign this worker off")
+    finally:
+        connections.close_all()
 
 
 @worker_shutting_down.connect
