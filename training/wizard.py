@@ -9,7 +9,6 @@ estimate falls back to the reference numbers measured on the 2-core development 
 
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import asdict
 from typing import Any
@@ -50,24 +49,18 @@ REFERENCE_PRUNE_COST = 0.65  # structured_75_healed: perplexity 41.51 against 25
 
 
 def machine() -> dict[str, Any]:
-    """Cores, memory and GPU of the machine the worker runs on (this one)."""
-    memory = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    memory = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    gpu = None
-    try:
-        import torch
+    """Cores, memory and GPU of the machine that will train: the GPU worker when training goes to
+    GPU workers, else the largest CPU worker, as the workers announced themselves
+    (ops.services.training_hardware); this machine before any worker has started."""
+    from ops.services import training_hardware
 
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except Exception:  # a CPU-only torch, or none: no GPU either way
-        gpu = None
-    return {"cores": os.cpu_count() or 1, "memory_bytes": memory, "gpu": gpu}
+    hw = training_hardware()
+    return {
+        "cores": hw.get("cores") or 1,
+        "memory_bytes": hw.get("memory_bytes"),
+        "gpu": hw.get("gpu"),
+        "source": hw.get("source", "this machine"),
+    }
 
 
 def project_situation(project: Project, answers: dict[str, Any]) -> Situation:
@@ -88,14 +81,22 @@ def project_situation(project: Project, answers: dict[str, Any]) -> Situation:
     return Situation(**(read | {k: v for k, v in answers.items() if k in known - set(read)}))
 
 
-def _measured(name: str, key: str) -> list[float]:
+def _measured(name: str, key: str, on: dict[str, Any] | None = None) -> list[float]:
+    """A step's measured rates. With `on` (the hardware that will run it): only those measured on
+    the same kind (with or without a GPU), and CPU rates scaled to its cores, since training and
+    embedding on a CPU spread over every core."""
     values = []
-    for metrics in BuildStep.objects.filter(name=name, status=BuildStep.Status.SUCCEEDED).values_list(
-        "metrics", flat=True
-    )[:50]:
+    rows = BuildStep.objects.filter(name=name, status=BuildStep.Status.SUCCEEDED).order_by("-id")
+    for metrics, hardware in rows.values_list("metrics", "hardware")[:50]:
         value = metrics.get(key) if isinstance(metrics, dict) else None
-        if isinstance(value, int | float) and value > 0:
-            values.append(float(value))
+        if not (isinstance(value, int | float) and value > 0):
+            continue
+        if on is not None and hardware:
+            if bool(hardware.get("gpu")) != bool(on.get("gpu")):
+                continue
+            if not on.get("gpu") and hardware.get("cores") and on.get("cores"):
+                value = value * on["cores"] / hardware["cores"]
+        values.append(float(value))
     return values
 
 
@@ -145,10 +146,14 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
         steps.append({"step": step, "seconds": round(seconds, 1), "basis": basis})
         bases.add(basis)
 
-    # Every training step runs the same loop: one measured rate serves them all.
+    # Every training step runs the same loop: one measured rate serves them all, measured on
+    # hardware like the worker that will train (ops: workers announce theirs). The reference was
+    # measured on 2 CPU cores; on a GPU it overstates the time.
+    hardware = machine()
+    reference_rate = REFERENCE["train_tokens_per_second"] * (1 if hardware["gpu"] else hardware["cores"] / 2)
     train_rate = _rate(
-        [v for name in TRAINING_STEPS for v in _measured(name, "tokens_per_second")],
-        REFERENCE["train_tokens_per_second"],
+        [v for name in TRAINING_STEPS for v in _measured(name, "tokens_per_second", on=hardware)],
+        reference_rate,
     )
     if plan.rag:
         rate, basis = _rate(_measured("rag", "chunks_per_second"), REFERENCE["rag_chunks_per_second"])
@@ -206,6 +211,8 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
         "memory_bytes": int(size + 80e6),  # the context and runtime beside the weights (~80 MB measured)
         "perplexity_change": round(quality, 4),
         "is_estimate": True,
+        # Where the training estimate applies: the worker that will train, as it announced itself.
+        "hardware": hardware,
     }
 
 

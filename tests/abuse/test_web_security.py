@@ -214,7 +214,13 @@ def _check_deploy(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str
 
 
 def test_production_mode_passes_the_deployment_checks(tmp_path):
-    production = {"SLM_PRODUCTION": "1", "ALLOWED_HOSTS": "studio.example.com"}
+    production = {
+        "SLM_PRODUCTION": "1",
+        "ALLOWED_HOSTS": "studio.example.com",
+        "FIELD_ENCRYPTION_KEY": "7a9ZqkY2m3Sl0d5C6Yj1pQ8mXw4Rt7Uv9Hb2Nc5Ke0E=",
+        # One machine on purpose: the embedded database and queue, acknowledged.
+        "ALLOW_EMBEDDED_SERVICES": "1",
+    }
     result = _check_deploy(tmp_path, SECRET_KEY=secrets.token_urlsafe(50), **production)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout

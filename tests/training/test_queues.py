@@ -1,0 +1,198 @@
+"""Queue routing: steps prefer the cpu or gpu queue, a build moves between them, work for a queue
+no live worker consumes falls back to the other, and only the newest dispatch claims a build."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
+
+from ops import queues
+from ops.models import Worker
+from projects.services import document_add, pair_create
+from training import steps as steps_module
+from training.models import Build
+from training.services import build_run, build_start, builds_reroute_stranded
+from training.wizard import estimate, machine
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def project_with_data(project):  # type: ignore[no-untyped-def]
+    document_add(
+        project=project, stream=SimpleUploadedFile("n.md", b"# Note\n\nBody."), name="n.md", size=None
+    )
+    pair_create(project=project, instruction="Q", input="", response="A")
+    return project
+
+
+def _worker(
+    name: str, queue_names: list[str], *, gpu: str | None = None, cores: int = 2, seen_ago: float = 0
+):
+    now = timezone.now()
+    return Worker.objects.create(
+        name=name, host=name.partition("@")[2] or "h", pid=1, queues=queue_names,
+        hardware={"cores": cores, "memory_bytes": 8 << 30, "gpu": gpu, "gpu_memory_bytes": None},
+        started_at=now, last_seen=now - timedelta(seconds=seen_ago),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def as_worker(monkeypatch):  # type: ignore[no-untyped-def]
+    """Run build_run as a worker consuming the given queues (what `celery -Q` sets at start)."""
+
+    def consume(*names: str) -> None:
+        monkeypatch.setattr(queues, "_consumed", frozenset(names))
+        monkeypatch.setattr(queues, "_node", f"{names[0]}@test")
+
+    return consume
+
+
+@pytest.fixture
+def gpu_step(monkeypatch):  # type: ignore[no-untyped-def]
+    ran: list[str | None] = []
+
+    def train(ctx):  # type: ignore[no-untyped-def]
+        ran.append(queues.node_name())
+        return {"trained": True}
+
+    monkeypatch.setitem(steps_module.STEP_RUNNERS, "train_x", train)
+    monkeypatch.setitem(steps_module.STEP_QUEUES, "train_x", queues.GPU)
+    return ran
+
+
+def test_route_prefers_the_queue_and_falls_back_to_one_someone_consumes():
+    assert queues.route("gpu", {"cpu", "gpu"}) == "gpu"
+    assert queues.route("gpu", {"cpu"}) == "cpu"  # no GPU worker: train on the CPU workers
+    assert queues.route("cpu", {"gpu"}) == "gpu"  # only a GPU worker: it does everything
+    assert queues.route("cpu", {"cpu", "gpu"}) == "cpu"
+    assert queues.route("gpu", set()) == "cpu"  # nobody yet: the queue every installation has
+
+
+def test_only_live_workers_count():
+    _worker("cpu@a", ["cpu"])
+    _worker("gpu@b", ["gpu"], gpu="H200", seen_ago=10_000)  # stopped answering long ago
+    assert queues.served_queues() == {"cpu"}
+    Worker.objects.filter(name="gpu@b").update(last_seen=timezone.now())
+    assert queues.served_queues() == {"cpu", "gpu"}
+    Worker.objects.filter(name="gpu@b").update(stopped_at=timezone.now())
+    assert queues.served_queues() == {"cpu"}
+
+
+def test_a_build_moves_to_the_gpu_queue_for_training_and_back(project_with_data, owner, as_worker, gpu_step):
+    _worker("cpu@a", ["cpu"])
+    _worker("gpu@b", ["gpu"], gpu="H200")
+    build = build_start(
+        project=project_with_data,
+        user=owner,
+        steps=[{"name": "parse"}, {"name": "train_x"}, {"name": "validate"}],
+    )
+    assert (build.queue, len(build.dispatch_token)) == ("cpu", 32)
+
+    as_worker("cpu")
+    build_run(build_id=build.pk, token=build.dispatch_token)
+    build.refresh_from_db()
+    assert (build.status, build.queue, build.attempts, build.claimed_by) == ("queued", "gpu", 0, "")
+    assert [s.status for s in build.steps.order_by("index")] == ["succeeded", "pending", "pending"]
+    assert build.steps.get(name="parse").worker == "cpu@test"
+    gpu_token = build.dispatch_token
+
+    as_worker("gpu")
+    build_run(build_id=build.pk, token=gpu_token)
+    build.refresh_from_db()
+    assert (build.status, build.queue) == ("queued", "cpu")
+    assert gpu_step == ["gpu@test"]
+    assert build.steps.get(name="train_x").hardware == {"cores": machine_cores(), "gpu": None}
+
+    as_worker("cpu")
+    build_run(build_id=build.pk, token=build.dispatch_token)
+    build.refresh_from_db()
+    assert build.status == "succeeded" and build.attempts == 1, build.error
+    assert gpu_step == ["gpu@test"]  # the training ran once
+    logs = list(build.logs.values_list("message", flat=True))
+    assert any("handed over to the gpu queue" in m for m in logs)
+    assert any("handed over to the cpu queue" in m for m in logs)
+    assert logs.count("Build started.") == 1
+
+
+def machine_cores() -> int:
+    from ops.hardware import machine as here
+
+    return here()["cores"]
+
+
+def test_without_gpu_workers_training_stays_on_the_cpu_workers(project_with_data, owner, as_worker, gpu_step):
+    _worker("cpu@a", ["cpu"])
+    build = build_start(project=project_with_data, user=owner, steps=[{"name": "parse"}, {"name": "train_x"}])
+    as_worker("cpu")
+    build_run(build_id=build.pk, token=build.dispatch_token)
+    build.refresh_from_db()
+    assert build.status == "succeeded" and gpu_step == ["cpu@test"]
+    assert not build.logs.filter(message__contains="handed over").exists()
+
+
+def test_an_old_message_cannot_claim_a_build_sent_again(project_with_data, owner, as_worker, gpu_step):
+    _worker("cpu@a", ["cpu"])
+    build = build_start(project=project_with_data, user=owner, steps=[{"name": "parse"}])
+    stale = build.dispatch_token
+    Build.objects.filter(pk=build.pk).update(dispatch_token="f" * 32)  # sent again since
+    as_worker("cpu")
+    build_run(build_id=build.pk, token=stale)
+    build.refresh_from_db()
+    assert (build.status, build.attempts) == ("queued", 0)
+    build_run(build_id=build.pk, token="f" * 32)
+    build.refresh_from_db()
+    assert build.status == "succeeded"
+
+
+def test_a_build_stranded_on_a_queue_nobody_consumes_is_sent_to_one(
+    project_with_data, owner, django_capture_on_commit_callbacks, monkeypatch, gpu_step
+):
+    sent = []
+    monkeypatch.setattr(
+        "training.tasks.run_build_task.apply_async",
+        lambda args, kwargs, queue: sent.append((args[0], kwargs["token"], queue)),
+    )
+    gpu = _worker("gpu@b", ["gpu"], gpu="H200")
+    _worker("cpu@a", ["cpu"])
+    with django_capture_on_commit_callbacks(execute=True):
+        build = build_start(project=project_with_data, user=owner, steps=[{"name": "train_x"}])
+    build.refresh_from_db()
+    assert sent[-1] == (build.pk, build.dispatch_token, "gpu") and build.queue == "gpu"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_reroute_stranded() == []  # its worker is alive
+    # The only GPU worker goes away; the message has waited longer than a worker takes to restart.
+    Worker.objects.filter(pk=gpu.pk).update(stopped_at=timezone.now())
+    Build.objects.filter(pk=build.pk).update(dispatched_at=timezone.now() - timedelta(hours=1))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_reroute_stranded() == [build.pk]
+    build.refresh_from_db()
+    assert build.queue == "cpu" and sent[-1] == (build.pk, build.dispatch_token, "cpu")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_reroute_stranded() == []  # once
+
+
+def test_the_wizard_estimates_on_the_worker_that_will_train(project_with_data):
+    for i in range(40):
+        pair_create(
+            project=project_with_data,
+            instruction=f"Question {i} " * 20,
+            input="",
+            response="An answer. " * 30,
+        )
+    assert machine()["source"] == "this machine"
+    _worker("cpu@small", ["cpu"], cores=2)
+    _worker("cpu@big", ["cpu"], cores=16)
+    assert (machine()["cores"], machine()["source"]) == (16, "worker cpu@big")
+    cpu16 = next(s for s in estimate(project_with_data, "lora")["steps"] if s["step"] == "lora")
+    _worker("gpu@b", ["gpu"], gpu="NVIDIA H200", cores=8)
+    assert (machine()["gpu"], machine()["source"]) == ("NVIDIA H200", "worker gpu@b")
+    on_gpu = estimate(project_with_data, "lora")
+    assert on_gpu["hardware"]["gpu"] == "NVIDIA H200"
+    # 16 cores train 8x the 2-core reference; the GPU worker, with nothing measured on a GPU yet,
+    # gets the unscaled reference (an overestimate, never a made-up speed-up).
+    gpu_lora = next(s for s in on_gpu["steps"] if s["step"] == "lora")
+    assert gpu_lora["seconds"] == pytest.approx(cpu16["seconds"] * 8, rel=0.01)
