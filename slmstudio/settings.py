@@ -422,3 +422,19 @@ if PRODUCTION:
         *([] if SECURE_HSTS_PRELOAD else ["security.W021"]),
         *([] if SECURE_SSL_REDIRECT else ["security.W008"]),
     ]
+
+# --- Observability (issue 10) --------------------------------------------------------------
+# GET /healthz (ops.health): for load balancers and monitors, no log-in. DATA_DIR's disk with
+# less free space than this is "failing": uploads, builds and SQLite would soon fail to write.
+HEALTH_MIN_FREE_MB = env_int("HEALTH_MIN_FREE_MB", 1024)
+# Seconds a broker or disk probe may take (health and metrics) before it counts as failing, so a
+# monitor gets its answer quickly even when the broker hangs.
+HEALTH_TIMEOUT_SECONDS = env_int("HEALTH_TIMEOUT_SECONDS", 3)
+# GET /metrics (ops.metrics, Prometheus): open to callers on this machine (loopback, not through
+# a proxy); anyone else must send "Authorization: Bearer <METRICS_TOKEN>", and with no token set
+# nobody else gets in. Gunicorn's processes share their numbers through PROMETHEUS_MULTIPROC_DIR,
+# which slmstudio/gunicorn.conf.py sets up (a fresh folder per server).
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Probes inside the private network (a load balancer, Prometheus) speak plain http: with
+# SECURE_SSL_REDIRECT on, they would get a redirect instead of an answer.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
