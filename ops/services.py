@@ -54,6 +54,21 @@ def worker_stopped(*, name: str) -> None:
     Worker.objects.filter(name=name, pid=os.getpid()).update(stopped_at=timezone.now())
 
 
+def workers_gone_on_this_host() -> list[str]:
+    """Sign off the workers of this host whose process is gone (killed, crashed): their queues stop
+    counting at once, not WORKER_STALE_SECONDS later. Other hosts' workers go stale by time."""
+    from slmstudio.lib.workers import worker_is_dead
+
+    gone = [
+        w.name
+        for w in Worker.objects.filter(host=socket.gethostname(), stopped_at__isnull=True)
+        if worker_is_dead(f"{w.host}:{w.pid}")
+    ]
+    if gone:
+        Worker.objects.filter(name__in=gone, stopped_at__isnull=True).update(stopped_at=timezone.now())
+    return gone
+
+
 def training_hardware() -> dict[str, Any]:
     """The hardware builds' training steps will run on: the live worker with a GPU (most GPU
     memory) when training is routed to GPU workers, else the live CPU worker with the most cores;

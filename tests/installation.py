@@ -76,12 +76,19 @@ for i in range(int(sys.argv[2])):
 class Worker:
     """`celery worker` in its own process group, logging to a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *, concurrency: int = 1) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *, concurrency: int = 1, queues: str = "", name: str = ""
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
+        # As the Procfile and compose.yaml start them: `-Q cpu` / `-Q gpu` for a worker that takes
+        # one queue (none: both), a node name telling them apart.
+        only = ["-Q", queues] if queues else []
+        named = ["--hostname", f"{name}@%h"] if name else []
+        self.name = name
         self.proc = subprocess.Popen(
             [
-                PYTHON, "-m", "celery", "-A", "slmstudio", "worker",
+                PYTHON, "-m", "celery", "-A", "slmstudio", "worker", *only, *named,
                 "--loglevel", "INFO", "--concurrency", str(concurrency), "--without-mingle", "--without-gossip",
             ],
             cwd=ROOT,
@@ -148,7 +155,14 @@ class Worker:
 class Install:
     """One installation: its DATA_DIR, its environment, its processes."""
 
-    def __init__(self, tmp_path: Path, *, data_dir: Path | None = None, db_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        data_dir: Path | None = None,
+        db_path: Path | None = None,
+        database_url: str | None = None,
+    ) -> None:
         self.tmp_path = tmp_path  # logs go here
         # conftest already made tmp_path/data for the test process
         self.data_dir = data_dir or tmp_path / "install"
@@ -166,7 +180,12 @@ class Install:
         )
         if db_path is not None:
             self.env["DATABASE_URL"] = f"sqlite:///{db_path}"
+        # PostgreSQL instead of SQLite (the production stack); query() then reads it.
+        self.database_url = database_url
+        if database_url:
+            self.env["DATABASE_URL"] = database_url
         self.workers: list[Worker] = []
+        self.webs: list[subprocess.Popen] = []
         self.outputs: list[str] = []
 
     # --- processes ---------------------------------------------------------------------------
@@ -188,15 +207,42 @@ class Install:
     def python(self, code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
         return self.run(PYTHON, "-c", _DJANGO + code, *args, **kwargs)
 
-    def start_worker(self, *, concurrency: int = 1, **extra_env: str) -> Worker:
-        env = {**self.env, **extra_env}
-        worker = Worker(env, self.tmp_path / f"worker-{len(self.workers) + 1}.log", concurrency=concurrency)
+    def start_worker(
+        self, *, concurrency: int = 1, queues: str = "", name: str = "", **extra_env: str
+    ) -> Worker:
+        env = {**self.env, **({"WORKER_QUEUES": queues} if queues else {}), **extra_env}
+        log = self.tmp_path / f"worker-{len(self.workers) + 1}{'-' + name if name else ''}.log"
+        worker = Worker(env, log, concurrency=concurrency, queues=queues, name=name)
         self.workers.append(worker)
         return worker
+
+    def start_web(self, port: int, *, workers: int = 2, threads: int = 8) -> subprocess.Popen:
+        """gunicorn as the Procfile starts it, on 127.0.0.1:`port`."""
+        log = (self.tmp_path / f"web-{len(self.webs) + 1}.log").open("wb")
+        web = subprocess.Popen(
+            [
+                str(Path(PYTHON).parent / "gunicorn"), "slmstudio.wsgi", "--bind", f"127.0.0.1:{port}",
+                "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
+                "--timeout", "120",
+            ],
+            cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.webs.append(web)
+        return web
 
     def stop_all(self) -> None:
         for worker in self.workers:
             worker.stop()
+        for web in self.webs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(web.pid, signal.SIGTERM)
+            try:
+                web.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(web.pid, signal.SIGKILL)
+                web.wait(timeout=10)
 
     def report(self, message: str) -> str:
         """An assertion message with what the processes printed, so a failure explains itself."""
@@ -224,6 +270,13 @@ class Install:
     # --- reading the installation's database -------------------------------------------------
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Read-only SQL with `?` placeholders, on SQLite or PostgreSQL."""
+        if self.database_url:
+            import psycopg
+
+            with psycopg.connect(self.database_url, autocommit=True) as con:
+                con.read_only = True
+                return con.execute(sql.replace("?", "%s"), params).fetchall()
         con = sqlite3.connect(self.db_path, timeout=20)
         try:
             con.execute("PRAGMA query_only = 1")
@@ -243,7 +296,8 @@ class Install:
             (build_id, name),
         )[0]
         step = dict(zip(cols, row, strict=False))
-        step["metrics"] = json.loads(step["metrics"] or "{}")
+        metrics = step["metrics"]  # text in SQLite, decoded already from PostgreSQL's jsonb
+        step["metrics"] = metrics if isinstance(metrics, dict) else json.loads(metrics or "{}")
         return step
 
     def document_statuses(self) -> dict[int, str]:

@@ -40,7 +40,7 @@ def sweep() -> None:
     from datetime import timedelta
 
     from ops.queues import node_name
-    from ops.services import worker_seen
+    from ops.services import worker_seen, workers_gone_on_this_host
     from projects.services import documents_requeue_stale
 
     from .services import builds_dispatch_requeued, builds_recover_stale, builds_reroute_stranded
@@ -51,6 +51,9 @@ def sweep() -> None:
     try:
         if node_name():
             worker_seen(name=node_name())
+        gone = workers_gone_on_this_host()
+        if gone:
+            log.warning("workers %s of this host are gone; their queues no longer count", gone)
         moved = builds_reroute_stranded()
         if moved:
             log.warning("builds %s waited in a queue no live worker consumes; sent elsewhere", moved)
