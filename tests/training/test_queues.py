@@ -82,7 +82,9 @@ def test_only_live_workers_count():
     assert queues.served_queues() == {"cpu"}
 
 
-def test_a_build_moves_to_the_gpu_queue_for_training_and_back(project_with_data, owner, as_worker, gpu_step):
+def test_a_build_moves_to_the_gpu_queue_for_training_and_back(
+    project_with_data, owner, as_worker, gpu_step, client
+):
     _worker("cpu@a", ["cpu"])
     _worker("gpu@b", ["gpu"], gpu="H200")
     build = build_start(
@@ -99,6 +101,9 @@ def test_a_build_moves_to_the_gpu_queue_for_training_and_back(project_with_data,
     assert [s.status for s in build.steps.order_by("index")] == ["succeeded", "pending", "pending"]
     assert build.steps.get(name="parse").worker == "cpu@test"
     gpu_token = build.dispatch_token
+    client.force_login(owner)
+    page = client.get(build.get_absolute_url()).content.decode()
+    assert "Waiting for a GPU worker to pick it up." in page and "· cpu@test" in page
 
     as_worker("gpu")
     build_run(build_id=build.pk, token=gpu_token)
@@ -116,6 +121,8 @@ def test_a_build_moves_to_the_gpu_queue_for_training_and_back(project_with_data,
     assert any("handed over to the gpu queue" in m for m in logs)
     assert any("handed over to the cpu queue" in m for m in logs)
     assert logs.count("Build started.") == 1
+    page = client.get(build.get_absolute_url()).content.decode()
+    assert page.count("· cpu@test") == 2 and page.count("· gpu@test") == 1
 
 
 def machine_cores() -> int:
