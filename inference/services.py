@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from ops.metrics import answer_observed
 from projects.models import Project
 from training.ml.prompt import Passage, Turn, build_messages
 from training.ml.rag import Hit, HybridIndex
@@ -116,7 +118,10 @@ def answer_start(
     chat: ChatSettings,
     should_stop: Callable[[], bool] | None = None,
 ) -> Answer:
-    return answer_from(
+    """An answer for a person (chat page, API, `ask`), timed for /metrics as they wait for it:
+    from here, so retrieval, loading the model and waiting for it count too."""
+    started = time.perf_counter()
+    answer = answer_from(
         gguf=version.gguf_file,
         index=index_for(version),
         question=question,
@@ -124,6 +129,8 @@ def answer_start(
         chat=chat,
         should_stop=should_stop,
     )
+    answer.pieces = answer_observed(answer.pieces, answer.result, started=started)  # type: ignore[arg-type]
+    return answer
 
 
 def answer_from(

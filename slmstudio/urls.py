@@ -22,4 +22,5 @@ urlpatterns = [
     path("settings/", inference_views.settings_page, name="inference-settings"),
     path("settings/tokens/<int:pk>/revoke/", inference_views.token_revoke, name="inference-token-revoke"),
     path("v1/", include("inference.api_urls")),
+    path("", include("ops.urls")),
 ]

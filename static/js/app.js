@@ -17,4 +17,15 @@
     const button = e.target instanceof Element ? e.target.closest("[data-print]") : null;
     if (button) window.print();
   });
+
+  // <div hx-trigger="every 5s, slm-visible from:document" data-poll-visible>: a poll that waits
+  // while the tab is hidden (nobody looks, so the server is spared) and refreshes at once when
+  // it is shown again.
+  document.addEventListener("htmx:beforeRequest", function (e) {
+    const elt = e.detail && e.detail.elt;
+    if (document.hidden && elt instanceof Element && elt.hasAttribute("data-poll-visible")) e.preventDefault();
+  });
+  document.addEventListener("visibilitychange", function () {
+    if (!document.hidden) document.dispatchEvent(new Event("slm-visible"));
+  });
 })();
