@@ -438,3 +438,36 @@ METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 # Probes inside the private network (a load balancer, Prometheus) speak plain http: with
 # SECURE_SSL_REDIRECT on, they would get a redirect instead of an answer.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+
+# --- Teacher endpoints (issue 10) ----------------------------------------------------------
+# Where a teacher's base URL may point (training.ml.netpolicy), checked when a teacher is added
+# and again on every request. "any": anywhere but link-local / cloud metadata addresses (a local
+# install talks to teachers on this machine or the LAN). "public": only addresses on the public
+# internet, so users cannot make the server call its database, Redis, admin ports or the metadata
+# service. TEACHER_ALLOWED_HOSTS: host names and CIDR ranges always allowed (an internal GPU box:
+# "gpu-box.internal,10.0.3.7,10.8.0.0/16").
+TEACHER_ENDPOINTS = env_str("TEACHER_ENDPOINTS", "public" if PRODUCTION else "any").strip().lower()
+TEACHER_ALLOWED_HOSTS = env_list("TEACHER_ALLOWED_HOSTS", [])
+
+
+def _teacher_endpoint_problems() -> list[str]:
+    import ipaddress
+
+    found = [] if TEACHER_ENDPOINTS in ("any", "public") else [f"TEACHER_ENDPOINTS is {TEACHER_ENDPOINTS!r}"]
+    for entry in TEACHER_ALLOWED_HOSTS:
+        if "/" in entry:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                found.append(f"{entry!r} in TEACHER_ALLOWED_HOSTS is not a CIDR range")
+    return found
+
+
+_teacher_problems = _teacher_endpoint_problems()
+if _teacher_problems:
+    raise ImproperlyConfigured(
+        "SLM Studio will not start: "
+        + "; ".join(_teacher_problems)
+        + ' (TEACHER_ENDPOINTS is "any" or "public"; TEACHER_ALLOWED_HOSTS is a comma list of host '
+        "names and CIDR ranges)."
+    )

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -27,7 +28,7 @@ from projects.services import document_parsed, pair_create
 from slmstudio.lib import crypto
 from slmstudio.lib.workers import worker_id
 
-from .ml import base_models
+from .ml import base_models, netpolicy
 from .models import GenerationRun, Teacher
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def teacher_add(
             raise ValidationError(
                 "The endpoint is a URL starting with http:// or https://, e.g. http://host:8000/v1."
             )
+        _check_endpoint(endpoint)
         if not model.strip():
             raise ValidationError("Name the model the endpoint should use.")
         teacher.kind, teacher.base_url, teacher.model_name = Teacher.Kind.ENDPOINT, endpoint, model.strip()
@@ -97,6 +99,21 @@ def teacher_add(
         teacher.path = str(local)
     teacher.save()
     return teacher
+
+
+def endpoint_policy() -> netpolicy.EndpointPolicy:
+    """Where teacher endpoints may be reached, from TEACHER_ENDPOINTS and TEACHER_ALLOWED_HOSTS."""
+    return netpolicy.EndpointPolicy(
+        mode=settings.TEACHER_ENDPOINTS, allowed_hosts=tuple(settings.TEACHER_ALLOWED_HOSTS)
+    )
+
+
+def _check_endpoint(url: str) -> None:
+    """Refuse, at registration, an address the policy refuses now; requests check again later."""
+    try:
+        netpolicy.check_endpoint(url, endpoint_policy())
+    except netpolicy.EndpointRefused as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def _check_teacher_model(path: Path) -> None:
@@ -128,6 +145,7 @@ def teacher_client(teacher: Teacher) -> Iterator:  # type: ignore[type-arg]
                 timeout_seconds=teacher.timeout_seconds,
                 requests_per_minute=teacher.requests_per_minute,
                 max_concurrency=teacher.max_concurrency,
+                policy=endpoint_policy(),
             )
         )
     elif teacher.kind == Teacher.Kind.GGUF:

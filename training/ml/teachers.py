@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from .netpolicy import EndpointPolicy, EndpointRefused, GuardedTransport
+
 # Waits between retries never exceed these: a job should fail visibly, not hang for an hour
 # because a server sent "Retry-After: 3600".
 MAX_BACKOFF_SECONDS = 30.0
@@ -74,6 +76,8 @@ class EndpointConfig:
     backoff_seconds: float = 1.0  # the first retry's wait; doubles with each further retry
     requests_per_minute: float | None = None  # shared by every thread using one client
     max_concurrency: int = 2
+    # Where the endpoint may be reached (netpolicy): checked again on every request.
+    policy: EndpointPolicy = field(default_factory=EndpointPolicy)
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -154,13 +158,24 @@ class _Retryable(Exception):
 
 
 class EndpointTeacher(TeacherClient):
-    """A teacher behind an OpenAI-compatible /chat/completions endpoint; safe to share by threads."""
+    """A teacher behind an OpenAI-compatible /chat/completions endpoint; safe to share by threads.
+
+    Requests go only to addresses config.policy accepts at that moment (netpolicy.GuardedTransport).
+    A `transport` given by the caller (a test double, its own routing) replaces that guard.
+    """
 
     def __init__(self, config: EndpointConfig, *, transport: httpx.BaseTransport | None = None) -> None:
         self.config = config
         self.max_concurrency = config.max_concurrency
         self._base = config.base_url.rstrip("/")
-        self._http = httpx.Client(transport=transport, timeout=httpx.Timeout(config.timeout_seconds))
+        # trust_env=False: an HTTP(S)_PROXY from the environment would resolve the name itself,
+        # past the address check. Redirects are not followed (httpx's default), so a teacher
+        # cannot send us on to another host.
+        self._http = httpx.Client(
+            transport=transport or GuardedTransport(config.policy),
+            timeout=httpx.Timeout(config.timeout_seconds),
+            trust_env=False,
+        )
         self._limiter = _RateLimiter(config.requests_per_minute)
         # Holds the in-flight count to max_concurrency even when callers run more threads.
         self._slots = threading.BoundedSemaphore(config.max_concurrency)
@@ -217,6 +232,7 @@ class EndpointTeacher(TeacherClient):
                 timeout=min(self.config.timeout_seconds, 10.0),
             )
             data = response.json()["data"] if response.status_code == 200 else None
+        # ValueError covers EndpointRefused: the chat request that follows says why.
         except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError):
             return None
         if not isinstance(data, list):
@@ -256,6 +272,10 @@ class EndpointTeacher(TeacherClient):
                 response = self._http.post(
                     f"{self._base}/chat/completions", json=body, headers=self._headers()
                 )
+            except EndpointRefused as exc:
+                # The policy refuses where the name points now; every other request would meet that.
+                message = f"The teacher at {self._base} was not contacted. {exc}"
+                raise self._error(message, fatal=True) from None
             except httpx.TimeoutException as exc:
                 raise _Retryable(
                     f"did not answer within {self.config.timeout_seconds:g} s",
@@ -312,6 +332,12 @@ class EndpointTeacher(TeacherClient):
             return (
                 f"{said}: check the base URL (it usually ends in /v1) and the model name "
                 f"{self.config.model!r}."
+            )
+        if 300 <= status < 400:
+            target = response.headers.get("Location", "")[:DETAIL_CHARS]
+            return (
+                f"{said}, a redirect to {target or 'another address'}. Redirects are not followed: "
+                "if that address is the teacher, use it as the base URL."
             )
         detail = _error_detail(response)
         return f"{said}: {detail}" if detail else f"{said}."
