@@ -22,6 +22,11 @@ from .queues import QUEUES
 # Workers that stopped or vanished are kept in the registry; the page lists the newest few.
 GONE_SHOWN = 20
 FAILURES_SHOWN = 10
+BROKER_LABELS = {
+    "filesystem": "embedded (files in the data folder)",
+    "redis": "Redis",
+    "rediss": "Redis (TLS)",
+}
 
 
 @dataclass
@@ -65,7 +70,11 @@ class Overview:
     failures: list[BuildRow]
     broker_transport: str
     broker_reachable: bool
-    notes: list[str]
+    notes: list[tuple[str, str]]  # (level "error" | "info", text)
+
+    @property
+    def broker_label(self) -> str:
+        return BROKER_LABELS.get(self.broker_transport, self.broker_transport)
 
     @property
     def alive_count(self) -> int:
@@ -152,17 +161,20 @@ def workers_overview(*, user: AbstractBaseUser) -> Overview:
 
     notes = []
     if not broker.reachable:
-        notes.append(
-            "The task broker cannot be reached: builds cannot be queued, and queue lengths are unknown."
-        )
+        text = "The task broker cannot be reached: builds cannot be queued, and queue lengths are unknown."
+        notes.append(("error", text))
     if not serving:
-        notes.append("No worker is running: builds and large uploads wait until one starts.")
+        notes.append(("error", "No worker is running: builds and large uploads wait until one starts."))
     else:
         for q in QUEUES:
             if q not in serving:
+                # Routing (ops.queues.route) sends the work on: worth knowing, not an error.
                 other = next(o for o in QUEUES if o != q)
                 notes.append(
-                    f"No worker consumes the {q} queue: its work goes to the {other} queue's workers."
+                    (
+                        "info",
+                        f"No worker consumes the {q} queue: its work goes to the {other} queue's workers.",
+                    )
                 )
     return Overview(
         workers=shown,

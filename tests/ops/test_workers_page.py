@@ -81,7 +81,7 @@ def test_it_shows_what_each_worker_runs_and_what_waits(project, staff, owner):
     # Staff who are not members of the project get no link to its (404) build page.
     assert f'href="{running.get_absolute_url()}"' not in page
     queues = page[page.index('id="queues-title"') : page.index('id="workers-title"')]
-    rows = dict(re.findall(r'<tr><th scope="row">(\w+)</th>(.*?)</tr>', queues, re.S))
+    rows = dict(re.findall(r'<tr><th scope="row" class="row-head">(\w+)</th>(.*?)</tr>', queues, re.S))
     cells = {q: re.findall(r'<td class="num">(\w+)</td>', row) for q, row in rows.items()}
     # Live workers and builds waiting (then the broker's messages, which these rows never sent).
     assert {q: c[:2] for q, c in cells.items()} == {"cpu": ["0", "1"], "gpu": ["1", "2"]}
