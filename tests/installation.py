@@ -221,7 +221,8 @@ class Install:
         log = (self.tmp_path / f"web-{len(self.webs) + 1}.log").open("wb")
         web = subprocess.Popen(
             [
-                str(Path(PYTHON).parent / "gunicorn"), "slmstudio.wsgi", "--bind", f"127.0.0.1:{port}",
+                str(Path(PYTHON).parent / "gunicorn"), "slmstudio.wsgi", "-c", "slmstudio/gunicorn.conf.py",
+                "--bind", f"127.0.0.1:{port}",
                 "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
                 "--timeout", "120",
             ],
