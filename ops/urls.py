@@ -7,5 +7,5 @@ from . import views
 urlpatterns = [
     path("healthz", views.healthz, name="ops-healthz"),
     path("metrics", views.metrics, name="ops-metrics"),
-    path("workers/", views.workers, name="ops-workers"),
+    path("ops/workers/", views.workers, name="ops-workers"),
 ]

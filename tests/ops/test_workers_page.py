@@ -18,7 +18,7 @@ from .helpers import add_worker
 
 pytestmark = pytest.mark.django_db
 
-URL = "/workers/"
+URL = "/ops/workers/"
 
 
 @pytest.fixture
@@ -33,8 +33,8 @@ def test_only_staff_may_open_it(client, owner_client, staff):
 
 
 def test_the_navigation_links_it_for_staff_only(owner_client, staff):
-    assert 'href="/workers/"' not in owner_client.get("/").content.decode()
-    assert 'href="/workers/"' in client_for(staff).get("/").content.decode()
+    assert 'href="/ops/workers/"' not in owner_client.get("/").content.decode()
+    assert 'href="/ops/workers/"' in client_for(staff).get("/").content.decode()
 
 
 def test_it_lists_every_registered_worker_with_its_queues_and_state(staff):
@@ -115,7 +115,7 @@ def test_htmx_polls_the_partial_every_five_seconds(staff):
     add_worker("cpu@web-1", [CPU])
     client = client_for(staff)
     page = client.get(URL).content.decode()
-    assert 'hx-get="/workers/"' in page and 'hx-trigger="every 5s' in page and "data-poll-visible" in page
+    assert 'hx-get="/ops/workers/"' in page and 'hx-trigger="every 5s' in page and "data-poll-visible" in page
     partial = client.get(URL, HTTP_HX_REQUEST="true").content.decode()
     assert partial.lstrip().startswith('<div id="workers-status"') and "<html" not in partial
     assert "cpu@web-1" in partial
