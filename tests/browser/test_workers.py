@@ -52,7 +52,9 @@ def test_the_page_follows_workers_and_builds_without_a_reload(live_server, page,
         progress_current=30, progress_total=120, message="Step 30 of 120, loss 1.84", started_at=timezone.now(),
     )  # fmt: skip
     Worker.objects.filter(name="cpu@web-1").update(last_seen=timezone.now() - timedelta(hours=1))
-    expect(status.locator("tr.worker-row", has_text="gpu@gpu-box")).to_contain_text(f"Build #{build.pk}", timeout=12_000)
+    expect(status.locator("tr.worker-row", has_text="gpu@gpu-box")).to_contain_text(
+        f"Build #{build.pk}", timeout=12_000
+    )
     expect(status.locator("tr.worker-row", has_text="cpu@web-1")).to_contain_text("Not responding")
     expect(status).to_contain_text("Step 30 of 120, loss 1.84")
     if os.environ.get("SCREENSHOT_DIR"):  # to look at it
