@@ -334,7 +334,7 @@ def compose_problems(
             if not re.fullmatch(rf"\$\{{{var}:\?[^}}]+\}}", env.get(var, "")):
                 problems.append(f"{name}: {var} is not taken from .env with ${{{var}:?...}}")
         db = re.fullmatch(
-            r"postgres://(\w+):\$\{POSTGRES_PASSWORD:\?[^}]+\}@postgres:5432/(\w+)",
+            r"postgres://(\w+):\$\{POSTGRES_PASSWORD:\?[^}]+\}@postgres:5432/(\w+)(\?connect_timeout=\d+)?",
             env.get("DATABASE_URL", ""),
         )
         if not db:
