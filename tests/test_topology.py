@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pytest_redis import factories
 
 from tests.installation import Install, pid_gone
@@ -95,6 +96,14 @@ def test_two_workers_share_the_queues_and_a_killed_one_hands_its_build_over(
 
     install.wait_for("both workers to announce themselves", lambda: workers() == {"cpu:cpu", "gpu:gpu"}, 90)
     install.wait_for("gunicorn to answer", lambda: _get(f"http://127.0.0.1:{port}/login/")[0] == 200, 60)
+    status, body = _get(f"http://127.0.0.1:{port}/healthz")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok", body
+    assert (
+        health["checks"]["database"]["vendor"] == "postgresql"
+        and health["checks"]["broker"]["status"] == "ok"
+    )
+    assert health["checks"]["workers"]["queues"] == {"cpu": 1, "gpu": 1}, body
 
     # 1. Both queues: the build travels cpu -> gpu -> cpu.
     train = ("--base", "tiny", "--set", "lora.batch_tokens=128", "--set", "lora.eval_every=100")
@@ -113,6 +122,15 @@ def test_two_workers_share_the_queues_and_a_killed_one_hands_its_build_over(
     logs = install.build_logs(first["build"])
     assert any("handed over to the gpu queue" in m for m in logs), install.report(str(logs))
     assert _versions(install, first["build"]) == 1
+    # The web processes' metrics (read from loopback) see the same stack.
+    metrics = {
+        m.name + str(sorted(s.labels.items())): s.value
+        for m in text_string_to_metric_families(_get(f"http://127.0.0.1:{port}/metrics")[1])
+        for s in m.samples
+    }
+    assert metrics["slmstudio_workers_alive[('queue', 'gpu')]"] == 1
+    assert metrics["slmstudio_builds[('status', 'succeeded')]"] == 1
+    assert metrics["slmstudio_queue_depth[('queue', 'gpu')]"] == 0
 
     # 2. The gpu worker is killed while it trains: the build moves to the cpu worker.
     started = install.manage(
@@ -145,6 +163,8 @@ def test_two_workers_share_the_queues_and_a_killed_one_hands_its_build_over(
     assert [p["step"] for p in lora["history"] if p["train_loss"] is not None] == list(range(1, 301))
     assert _versions(install, build_id) == 1
     assert install.query("SELECT stopped_at IS NOT NULL FROM ops_worker WHERE name LIKE ?", ("gpu@%",))[0][0]
+    health = json.loads(_get(f"http://127.0.0.1:{port}/healthz")[1])
+    assert health["checks"]["workers"]["queues"] == {"cpu": 1, "gpu": 0}, health
 
     # 3. A gpu worker comes back. Redis hands it the killed worker's unacknowledged message
     # (after the visibility timeout); that copy's token is no longer the build's, so it runs nothing.
