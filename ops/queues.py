@@ -9,6 +9,8 @@ CPU workers and nothing waits for a worker that does not exist.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery.signals import worker_init
 
 CPU, GPU = "cpu", "gpu"
@@ -50,6 +52,13 @@ def served_queues() -> set[str]:
     for queues in Worker.objects.alive().values_list("queues", flat=True):
         served.update(queues)
     return served
+
+
+def send(task: Any, *args: Any, preferred: str = CPU) -> None:
+    """Send a task message (document parsing, pair generation) to the queue a live worker
+    consumes: `cpu` work waits forever in the `cpu` queue of an installation whose only worker
+    consumes `gpu`."""
+    task.apply_async(args=args, queue=route(preferred))
 
 
 def route(preferred: str, served: set[str] | None = None) -> str:

@@ -25,6 +25,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.text import slugify
 
+from ops import queues
 from slmstudio.lib.files import atomic_copy_stream, atomic_write_bytes, display_name, extension
 from slmstudio.lib.workers import worker_id, worker_is_dead
 
@@ -240,7 +241,7 @@ def document_schedule_parse(*, document: Document) -> None:
             return
     from .tasks import parse_document_task
 
-    parse_document_task.delay_on_commit(document.pk)
+    transaction.on_commit(lambda: queues.send(parse_document_task, document.pk))
 
 
 def document_parse(
@@ -354,7 +355,7 @@ def documents_requeue_stale(*, stale_after: timedelta) -> list[int]:
         )
     )
     for pk in ids:
-        parse_document_task.delay(pk)
+        queues.send(parse_document_task, pk)
     return ids
 
 

@@ -23,6 +23,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from ops import queues
 from projects.models import Document, InstructionPair, Project
 from projects.services import document_parsed, pair_create
 from slmstudio.lib import crypto
@@ -233,7 +234,7 @@ def generation_start(
     )
     from .tasks import generate_pairs_task
 
-    transaction.on_commit(lambda: generate_pairs_task.delay(run.pk))
+    transaction.on_commit(lambda: queues.send(generate_pairs_task, run.pk))
     return run
 
 
@@ -370,7 +371,7 @@ def generation_runs_recover_stale() -> list[int]:
     cutoff = timezone.now() - timedelta(seconds=settings.BUILD_STALE_SECONDS)
     touched: list[int] = []
     for run in GenerationRun.objects.filter(status=GenerationRun.Status.QUEUED, created_at__lt=cutoff):
-        generate_pairs_task.delay(run.pk)  # claiming is conditional: a duplicate message is harmless
+        queues.send(generate_pairs_task, run.pk)  # claiming is conditional: a duplicate is harmless
         touched.append(run.pk)
     # A slow teacher may take minutes per answer (timeouts times retries); only a silence far
     # longer than that, or a worker known dead, means the run is lost.

@@ -203,3 +203,18 @@ def test_the_wizard_estimates_on_the_worker_that_will_train(project_with_data):
     # gets the unscaled reference (an overestimate, never a made-up speed-up).
     gpu_lora = next(s for s in on_gpu["steps"] if s["step"] == "lora")
     assert gpu_lora["seconds"] == pytest.approx(cpu16["seconds"] * 8, rel=0.01)
+
+
+def test_other_background_work_goes_where_a_worker_consumes_it(project, owner, monkeypatch):
+    """Document parsing prefers `cpu`; with only a GPU worker running it goes to `gpu` rather than
+    wait in a queue nobody reads."""
+    from projects.tasks import parse_document_task
+
+    sent = []
+    monkeypatch.setattr(parse_document_task, "apply_async", lambda args, queue: sent.append((args, queue)))
+    queues.send(parse_document_task, 7)
+    _worker("gpu@b", ["gpu"], gpu="H200")
+    queues.send(parse_document_task, 8)
+    _worker("cpu@a", ["cpu"])
+    queues.send(parse_document_task, 9)
+    assert sent == [((7,), "cpu"), ((8,), "gpu"), ((9,), "cpu")]
