@@ -73,7 +73,7 @@ def training_hardware() -> dict[str, Any]:
     """The hardware builds' training steps will run on: the live worker with a GPU (most GPU
     memory) when training is routed to GPU workers, else the live CPU worker with the most cores;
     this machine's when no worker has announced itself yet (a fresh `make run`)."""
-    from .queues import CPU, GPU, route
+    from .queues import GPU, route
 
     queue = route(GPU)
     candidates = [w for w in Worker.objects.alive() if queue in w.queues]
@@ -85,4 +85,4 @@ def training_hardware() -> dict[str, Any]:
         return (bool(hw.get("gpu")), hw.get("gpu_memory_bytes") or 0, hw.get("cores") or 0)
 
     best = max(candidates, key=rank)
-    return best.hardware | {"source": f"worker {best.name}", "queue": queue if queue == GPU else CPU}
+    return best.hardware | {"source": f"worker {best.name}", "queue": queue}
