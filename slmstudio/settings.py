@@ -234,6 +234,13 @@ WEB_THREADS = env_int("WEB_THREADS", 32)
 # refused with "busy, try again" rather than queued, so a quarter of the threads (8 of 32, at
 # least 2) always serve pages.
 STREAMS_PER_PROCESS = env_int("STREAMS_PER_PROCESS", max(1, WEB_THREADS - max(2, WEB_THREADS // 4)))
+# Web processes (gunicorn's --workers; the Procfile reads the same variable). Each decodes one
+# answer at a time with CHAT_THREADS threads, so together they fit the cores: half of them on
+# the 2-core default (1 thread, measured best beside the web server's own work), and on a
+# larger server the cores shared out between the processes (docs/capacity.md). Reading a prompt
+# uses every core.
+WEB_WORKERS = env_int("WEB_WORKERS", 2)
+CHAT_THREADS = env_int("CHAT_THREADS", max(1, (os.cpu_count() or 1) // max(2, WEB_WORKERS)))
 
 # --- Celery --------------------------------------------------------------------------------
 # Default: an on-disk broker under DATA_DIR, so no server is needed. Set CELERY_BROKER_URL

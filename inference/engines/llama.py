@@ -99,6 +99,7 @@ class LlamaEngine:
         *,
         n_ctx: int = 2048,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         lora_path: Path | None = None,
     ) -> None:
         # Refuses a malformed or hostile header (MalformedModelFile, a ValueError like llama.cpp's
@@ -115,7 +116,7 @@ class LlamaEngine:
                 # 24 beside a streaming client with 2 threads). llama-cpp-python's own default.
                 n_threads=n_threads or max(1, cores // 2),
                 # Reading the prompt is one large batch: every core helps the first token come sooner.
-                n_threads_batch=n_threads or cores,
+                n_threads_batch=n_threads_batch or n_threads or cores,
                 lora_path=str(lora_path) if lora_path else None,
                 verbose=False,
             )
@@ -322,6 +323,10 @@ class EngineCache:
 
     def __init__(self, max_models: int = 2) -> None:
         self.max_models = max_models
+        # Decode threads per engine; None: half the cores (see LlamaEngine). A server running
+        # several web processes sets it so their decode threads together fit the cores
+        # (inference.apps, from CHAT_THREADS).
+        self.decode_threads: int | None = None
         self._lock = threading.Lock()
         self._engines: OrderedDict[tuple[Path, Path | None], LlamaEngine] = OrderedDict()
 
@@ -334,7 +339,13 @@ class EngineCache:
                 engine = None
             if engine is None:
                 # Loading under the lock keeps two requests from loading the same model twice.
-                engine = LlamaEngine(gguf_path, n_ctx=n_ctx, lora_path=lora_path)
+                engine = LlamaEngine(
+                    gguf_path,
+                    n_ctx=n_ctx,
+                    lora_path=lora_path,
+                    n_threads=self.decode_threads,
+                    n_threads_batch=os.cpu_count() if self.decode_threads else None,
+                )
             self._engines[key] = engine  # (re)inserted last: the most recently used
             while len(self._engines) > self.max_models:
                 _, evicted = self._engines.popitem(last=False)

@@ -219,3 +219,20 @@ def test_close_during_a_stream_waits_for_it_to_end(gguf: Path) -> None:
     assert result.finish_reason == "length"
     with pytest.raises(RuntimeError, match="closed"):
         list(busy.stream_chat(CAPITAL))
+
+
+def test_the_cache_decodes_with_the_configured_threads_and_reads_prompts_with_every_core(gguf: Path) -> None:
+    import os
+
+    from django.conf import settings
+
+    from inference.engines.llama import engines
+
+    assert engines.decode_threads == settings.CHAT_THREADS  # set when the app loads
+    cache = EngineCache()
+    cache.decode_threads = 3
+    engine = cache.get(gguf, n_ctx=256)
+    try:
+        assert (engine._llm.n_threads, engine._llm.n_threads_batch) == (3, os.cpu_count())
+    finally:
+        cache.drop(gguf)
