@@ -56,13 +56,13 @@ run: install migrate
 	@$(PY) manage.py preparemodels >/dev/null && echo "Bundled models: ready."
 	@$(PY) manage.py ensureadmin | $(PY) -c 'import json,sys; d=json.load(sys.stdin); print("Admin user created: %s / password: %s  (shown once; change it in the admin)" % (d["username"], d["password"]) if d["created"] else "Admin user: already exists.")'
 	@echo "SLM Studio is starting: open http://$(WEB_HOST):$(WEB_PORT)/"
-	$(VENV)/bin/honcho start
+	$(VENV)/bin/honcho start --env /dev/null
 
 web: install migrate
-	$(VENV)/bin/honcho start web
+	$(VENV)/bin/honcho start --env /dev/null web
 
 worker: install
-	$(VENV)/bin/honcho start worker
+	$(VENV)/bin/honcho start --env /dev/null worker
 
 test: install-test system-test-deps
 	$(PY) -m pytest

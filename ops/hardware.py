@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +30,42 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+@functools.cache
 def _gpu() -> tuple[str | None, int | None]:
+    """The first GPU's name and memory, without initialising CUDA in this process: a worker's
+    main process reads its hardware, and a pool process it forks after CUDA was initialised
+    could not use CUDA any more. nvidia-smi where the driver ships it, else a child process."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout  # fmt: skip
+            name, _, mib = out.splitlines()[0].rpartition(",")
+            return name.strip(), int(float(mib)) * 2**20
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            pass
     try:
         import torch
 
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            return props.name, int(props.total_memory)
-    except Exception:  # a CPU-only torch, or none: no GPU either way
-        pass
-    return None, None
+        if not torch.backends.cuda.is_built():  # the CPU build: no GPU whatever the machine has
+            return None, None
+    except Exception:
+        return None, None
+    probe = (
+        "import torch\n"
+        "if torch.cuda.is_available():\n"
+        "    p = torch.cuda.get_device_properties(0); print(p.total_memory, p.name)\n"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+        ).stdout
+        memory, _, name = out.strip().partition(" ")
+        return (name, int(memory)) if name else (None, None)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None, None
 
 
 def machine(disk: Path | None = None) -> dict[str, Any]:

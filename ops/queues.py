@@ -45,11 +45,25 @@ def serves(queue: str) -> bool:
 
 
 def served_queues() -> set[str]:
-    """Queues at least one live worker consumes, as the workers announced them."""
+    """Queues a worker consumes, as the workers announced them: live ones, and those that stopped
+    or went silent less than QUEUE_FALLBACK_SECONDS ago. A GPU worker restarting for a deploy
+    keeps its queue, so training waits for it instead of moving to the CPU workers for good."""
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.db.models import Q
+    from django.utils import timezone
+
     from .models import Worker
 
+    recently = timezone.now() - timedelta(seconds=settings.QUEUE_FALLBACK_SECONDS)
     served: set[str] = set()
-    for queues in Worker.objects.alive().values_list("queues", flat=True):
+    for queues in (
+        Worker.objects.alive()
+        | Worker.objects.filter(
+            Q(stopped_at__gte=recently) | Q(stopped_at__isnull=True, last_seen__gte=recently)
+        )
+    ).values_list("queues", flat=True):
         served.update(queues)
     return served
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from .hardware import machine
@@ -67,6 +69,16 @@ def workers_gone_on_this_host() -> list[str]:
     if gone:
         Worker.objects.filter(name__in=gone, stopped_at__isnull=True).update(stopped_at=timezone.now())
     return gone
+
+
+# Workers gone this long are forgotten: every container recreated on an upgrade has a new name.
+FORGET_AFTER = timedelta(days=7)
+
+
+def workers_forget_old() -> int:
+    cutoff = timezone.now() - FORGET_AFTER
+    deleted, _ = Worker.objects.filter(Q(stopped_at__lt=cutoff) | Q(last_seen__lt=cutoff)).delete()
+    return deleted
 
 
 def training_hardware() -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import threading
+import time
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -34,9 +36,26 @@ def _is_staff(request: HttpRequest) -> bool:
 @require_safe
 @never_cache
 def healthz(request: HttpRequest) -> JsonResponse:
-    """No log-in: for load balancers and monitors. 200 when ok or degraded, 503 when failing."""
-    report = health.health_report(details=_is_staff(request))
+    """No log-in: for load balancers and monitors. 200 when ok or degraded, 503 when failing.
+
+    Anonymous callers share one report per process for HEALTH_CACHE_SECONDS: a flood of probes
+    then costs one broker connection, not one each (staff always get a fresh one)."""
+    report = health.health_report(details=True) if _is_staff(request) else _anonymous_report()
     return JsonResponse(report, status=503 if report["status"] == health.FAILING else 200)
+
+
+_cached: tuple[float, dict] | None = None
+_cache_lock = threading.Lock()
+
+
+def _anonymous_report() -> dict:
+    global _cached
+    with _cache_lock:
+        if _cached and time.monotonic() - _cached[0] < settings.HEALTH_CACHE_SECONDS:
+            return _cached[1]
+        report = health.health_report(details=False)
+        _cached = (time.monotonic(), report)
+        return report
 
 
 def _from_loopback(request: HttpRequest) -> bool:

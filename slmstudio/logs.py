@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -51,8 +52,14 @@ class PlainFormatter(logging.Formatter):
         text = super().format(record)
         context = getattr(record, "context", None)
         if context:
-            text += " " + " ".join(f"{k}={v}" for k, v in context.items())
+            # Escaped: a request path may carry a decoded newline, which would forge a log line.
+            text += " " + " ".join(f"{k}={_escaped(v)}" for k, v in context.items())
         return text
+
+
+def _escaped(value: Any) -> str:
+    text = str(value)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,6 +77,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# What a proxy's request id looks like (uuid, hex, base64url); anything else gets our own.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 class RequestContextMiddleware:
     """Gives each web request an id (the proxy's X-Request-ID when it sends one) for its log
     lines, and returns it in the response so a user's report can be found in the logs."""
@@ -79,7 +90,7 @@ class RequestContextMiddleware:
 
     def __call__(self, request):  # type: ignore[no-untyped-def]
         incoming = request.headers.get("X-Request-ID", "")
-        request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         with log_context(request=request_id, path=request.path):
             response = self.get_response(request)
         response["X-Request-ID"] = request_id

@@ -240,7 +240,7 @@ STREAMS_PER_PROCESS = env_int("STREAMS_PER_PROCESS", max(1, WEB_THREADS - max(2,
 # larger server the cores shared out between the processes (docs/capacity.md). Reading a prompt
 # uses every core.
 WEB_WORKERS = env_int("WEB_WORKERS", 2)
-CHAT_THREADS = env_int("CHAT_THREADS", max(1, (os.cpu_count() or 1) // max(2, WEB_WORKERS)))
+CHAT_THREADS = env_int("CHAT_THREADS", max(1, len(os.sched_getaffinity(0)) // max(2, WEB_WORKERS)))
 
 # --- Celery --------------------------------------------------------------------------------
 # Default: an on-disk broker under DATA_DIR, so no server is needed. Set CELERY_BROKER_URL
@@ -332,6 +332,10 @@ LOGGING = {
 # A worker that has not touched its row in the registry (ops.Worker) for this long is taken to be
 # gone: its queues no longer count as served. Workers touch it every BUILD_STALE_SECONDS / 2.
 WORKER_STALE_SECONDS = env_int("WORKER_STALE_SECONDS", 2 * BUILD_STALE_SECONDS)
+# How long a queue counts as served after its last worker stopped or went silent: work for it
+# waits that long (a GPU worker restarting for a deploy) before going to the other queue's
+# workers (ops.queues).
+QUEUE_FALLBACK_SECONDS = env_int("QUEUE_FALLBACK_SECONDS", 600)
 
 # Tests that run builds inside a test transaction turn the heartbeat thread off.
 BUILD_HEARTBEAT_THREAD = env_bool("BUILD_HEARTBEAT_THREAD", True)
@@ -405,6 +409,9 @@ _problems = startup.problems(
         data_dir_from_env=bool(os.environ.get("DATA_DIR")),
         login_limits=AXES_ENABLED,
         embedded_services_allowed=env_bool("ALLOW_EMBEDDED_SERVICES", False),
+        secret_key_length=len(SECRET_KEY),
+        field_key_valid=startup.fernet_key_valid(FIELD_ENCRYPTION_KEY),
+        field_key_file=(DATA_DIR / "field_key").is_file(),
     )
 )
 if _problems:
@@ -437,6 +444,8 @@ HEALTH_MIN_FREE_MB = env_int("HEALTH_MIN_FREE_MB", 1024)
 # Seconds a broker or disk probe may take (health and metrics) before it counts as failing, so a
 # monitor gets its answer quickly even when the broker hangs.
 HEALTH_TIMEOUT_SECONDS = env_int("HEALTH_TIMEOUT_SECONDS", 3)
+# Anonymous /healthz callers (load balancers) share one report per web process for this long.
+HEALTH_CACHE_SECONDS = env_int("HEALTH_CACHE_SECONDS", 5)
 # GET /metrics (ops.metrics, Prometheus): open to callers on this machine (loopback, not through
 # a proxy); anyone else must send "Authorization: Bearer <METRICS_TOKEN>", and with no token set
 # nobody else gets in. Gunicorn's processes share their numbers through PROMETHEUS_MULTIPROC_DIR,

@@ -25,6 +25,10 @@ class Config:
     data_dir_from_env: bool
     login_limits: bool
     embedded_services_allowed: bool
+    secret_key_length: int = 50
+    field_key_valid: bool = True
+    # DATA_DIR/field_key exists: an installation upgraded to production keeps its key from there
+    field_key_file: bool = False
 
 
 def problems(c: Config) -> list[str]:
@@ -36,12 +40,22 @@ def problems(c: Config) -> list[str]:
         return found
     if not c.secret_key_from_env:
         found.append("SLM_PRODUCTION=1 needs SECRET_KEY in the environment (50+ random characters).")
-    if not c.field_key_from_env:
+    elif c.secret_key_length < 50:
+        found.append("SECRET_KEY is too short to be secret: use 50 or more random characters.")
+    if not c.field_key_from_env and c.field_key_file:
+        found.append(
+            f"SLM_PRODUCTION=1 needs FIELD_ENCRYPTION_KEY in the environment: set it to the contents of "
+            f"{c.data_dir / 'field_key'}, the key this installation's teachers' API keys are encrypted "
+            "with (a new key could not read them)."
+        )
+    elif not c.field_key_from_env:
         found.append(
             "SLM_PRODUCTION=1 needs FIELD_ENCRYPTION_KEY in the environment (it encrypts teachers' API keys; "
             "generate one with: python -c 'from cryptography.fernet import Fernet; "
             "print(Fernet.generate_key().decode())')."
         )
+    if c.field_key_from_env and not c.field_key_valid:
+        found.append("FIELD_ENCRYPTION_KEY is not a Fernet key (32 url-safe base64-encoded bytes).")
     if c.debug:
         found.append("SLM_PRODUCTION=1 cannot run with DEBUG on (it shows settings and code to visitors).")
     if not c.allowed_hosts_from_env:
@@ -76,3 +90,13 @@ def problems(c: Config) -> list[str]:
 
 def writable(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def fernet_key_valid(key: str) -> bool:
+    from cryptography.fernet import Fernet
+
+    try:
+        Fernet(key.encode())
+    except (ValueError, TypeError):
+        return False
+    return True

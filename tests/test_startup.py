@@ -31,6 +31,9 @@ def test_each_unsafe_production_setting_is_named(tmp_path):
     cases = {
         "needs SECRET_KEY": replace(safe, secret_key_from_env=False),
         "needs FIELD_ENCRYPTION_KEY": replace(safe, field_key_from_env=False),
+        "set it to the contents of": replace(safe, field_key_from_env=False, field_key_file=True),
+        "not a Fernet key": replace(safe, field_key_valid=False),
+        "too short": replace(safe, secret_key_length=12),
         "DEBUG on": replace(safe, debug=True),
         "needs ALLOWED_HOSTS": replace(safe, allowed_hosts_from_env=False),
         "ALLOWED_HOSTS=*": replace(safe, allowed_hosts=["*"]),
@@ -62,6 +65,13 @@ def test_local_mode_needs_only_a_writable_data_dir(tmp_path):
     if os.geteuid() != 0:  # root may write anywhere
         assert "not a writable folder" in problems(replace(local, data_dir=locked))[0]
     assert "not a writable folder" in problems(replace(local, data_dir=tmp_path / "missing" / "x.txt"))[0]
+
+
+def test_fernet_keys_are_checked():
+    from slmstudio.startup import fernet_key_valid
+
+    assert fernet_key_valid("7a9ZqkY2m3Sl0d5C6Yj1pQ8mXw4Rt7Uv9Hb2Nc5Ke0E=")
+    assert not fernet_key_valid("changeme") and not fernet_key_valid("")
 
 
 def test_every_process_refuses_to_start_and_says_why(tmp_path):

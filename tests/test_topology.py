@@ -43,6 +43,9 @@ def stack(tmp_path: Path, redis_server: Any) -> Iterator[Install]:
             BUILD_HEARTBEAT_SECONDS="2",
             BUILD_STALE_SECONDS="20",
             WORKER_STALE_SECONDS="30",
+            # A worker gone is gone at once here (in production a restarting GPU worker keeps
+            # its queue for 10 minutes).
+            QUEUE_FALLBACK_SECONDS="0",
             BROKER_VISIBILITY_TIMEOUT="15",
             EVAL_MAX_TOKENS="256",
             EVAL_MAX_PAIRS="2",

@@ -113,6 +113,8 @@ class Build(models.Model):
     queue = models.CharField(max_length=20, blank=True)
     dispatch_token = models.CharField(max_length=32, blank=True)
     dispatched_at = models.DateTimeField(null=True, blank=True)
+    # When the broker took that message; empty while it has not (the sweep sends it again).
+    sent_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

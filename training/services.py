@@ -95,17 +95,59 @@ def _next_queue(build: Build) -> str:
 def _dispatch(build: Build) -> str:
     """Send the build's task message to the queue of its next step, once the current transaction
     commits. Each message carries a fresh token and only the newest may claim the build
-    (build_claim), so re-sending never makes two runs. Returns the queue."""
-    from .tasks import run_build_task
-
+    (build_claim), so re-sending never makes two runs. A message the broker did not take (Redis
+    restarting) leaves `sent_at` empty and the sweep sends it again (builds_resend_unsent).
+    Returns the queue."""
     queue, token = _next_queue(build), uuid.uuid4().hex
-    Build.objects.filter(pk=build.pk).update(queue=queue, dispatch_token=token, dispatched_at=timezone.now())
+    Build.objects.filter(pk=build.pk).update(
+        queue=queue, dispatch_token=token, dispatched_at=timezone.now(), sent_at=None
+    )
     build.queue, build.dispatch_token = queue, token
     pk = build.pk
-    transaction.on_commit(
-        lambda: run_build_task.apply_async(args=(pk,), kwargs={"token": token}, queue=queue)
-    )
+    transaction.on_commit(lambda: _send(pk, token, queue))
     return queue
+
+
+def _send(build_id: int, token: str, queue: str) -> None:
+    from .tasks import run_build_task
+
+    try:
+        run_build_task.apply_async(args=(build_id,), kwargs={"token": token}, queue=queue)
+    except Exception:
+        # Not the caller's failure (a web request, a finishing step): the build waits, unsent,
+        # and a worker's sweep sends it once the broker answers again.
+        log.exception("could not send build %s to the %s queue; a worker's sweep will retry", build_id, queue)
+        return
+    Build.objects.filter(pk=build_id, dispatch_token=token).update(sent_at=timezone.now())
+
+
+# A queued build whose message was not taken by the broker this long after it was sent is sent
+# again by the sweep (seconds).
+RESEND_AFTER = 60
+
+
+def builds_resend_unsent() -> list[int]:
+    """Send again the queued builds whose message never reached the broker, and builds queued
+    before messages carried tokens (an upgrade: their message went to a queue no worker reads)."""
+    cutoff = timezone.now() - timedelta(seconds=RESEND_AFTER)
+    sent = []
+    waiting = Build.objects.filter(
+        status=Build.Status.QUEUED, requeue_requested_at__isnull=True, sent_at__isnull=True
+    )
+    for build in waiting.filter(
+        Q(dispatched_at__lt=cutoff) | Q(dispatched_at__isnull=True, created_at__lt=cutoff)
+    ):
+        with transaction.atomic():
+            # Conditional on what we saw: of two sweeping workers, one sends it.
+            if Build.objects.filter(
+                pk=build.pk,
+                status=Build.Status.QUEUED,
+                dispatch_token=build.dispatch_token,
+                sent_at__isnull=True,
+            ).update(dispatched_at=timezone.now()):
+                _dispatch(build)
+                sent.append(build.pk)
+    return sent
 
 
 def recipe_problems(project: Project, plan) -> list[str]:  # type: ignore[no-untyped-def]
@@ -235,12 +277,12 @@ def _build_run_claimed(build: Build, me: str) -> None:
     with _Heartbeat(build.pk, me):
         try:
             for step in build.steps.exclude(status=BuildStep.Status.SUCCEEDED):
+                ctx = StepContext(build=build, step=step, deadline=deadline)
+                ctx.check_cancel(force=True)  # a build cancelled meanwhile ends here, not on another queue
                 queue = queues.route(STEP_QUEUES.get(step.name, queues.CPU))
                 if not queues.serves(queue):
                     _build_hand_over(build, me, step)
                     return
-                ctx = StepContext(build=build, step=step, deadline=deadline)
-                ctx.check_cancel(force=True)
                 _remove_half_written(ctx.workdir)
                 _step_started(step, hardware)
                 with log_context(step=step.name):
@@ -447,10 +489,10 @@ def builds_dispatch_requeued() -> list[int]:
 
 
 def builds_reroute_stranded() -> list[int]:
-    """Send again, to a queue someone consumes, the builds waiting in a queue no live worker
-    consumes any more (the only GPU worker was stopped): they fall back to CPU workers rather
-    than wait for one that may never come. Only messages older than WORKER_STALE_SECONDS, so a
-    worker that is merely restarting keeps its work."""
+    """Send again, to a queue someone consumes, the builds waiting in a queue no worker has
+    consumed for QUEUE_FALLBACK_SECONDS (the only GPU worker is gone): they fall back to CPU
+    workers rather than wait for one that may never come. A worker that is only restarting (a
+    deploy) comes back within that time and keeps its work."""
     served = queues.served_queues()
     if not served:
         return []
@@ -696,13 +738,18 @@ def _build_requeue(build: Build) -> bool:
             _abandon_running_steps(build, BuildStep.Status.FAILED)
             BuildLog.objects.create(build=build, level="error", message=message)
         return False
-    if not same.update(status=Build.Status.QUEUED, claimed_by="", requeue_requested_at=None):
-        return False
-    _abandon_running_steps(build, BuildStep.Status.PENDING)
-    BuildLog.objects.create(
-        build=build, level="warning", message="The worker running this build stopped; re-queued to resume."
-    )
-    _dispatch(build)
+    # One transaction: the build waits again only with its new token, so a late copy of the lost
+    # worker's message cannot claim it in between (and have its running step reset under it).
+    with transaction.atomic():
+        if not same.update(status=Build.Status.QUEUED, claimed_by="", requeue_requested_at=None):
+            return False
+        _abandon_running_steps(build, BuildStep.Status.PENDING)
+        BuildLog.objects.create(
+            build=build,
+            level="warning",
+            message="The worker running this build stopped; re-queued to resume.",
+        )
+        _dispatch(build)
     return True
 
 

@@ -5,8 +5,14 @@ from django.conf import settings
 
 
 def _run_build_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def]
+    from .models import Build
     from .services import build_fail
 
+    token = (kwargs or {}).get("token")
+    # A message sent before the build's latest dispatch never ran it: its crash (a database
+    # error while it checked) must not fail the run another worker has now.
+    if token and not Build.objects.filter(pk=args[0], dispatch_token=token).exists():
+        return
     build_fail(build_id=args[0], message=f"The build's task crashed: {exc.__class__.__name__}: {exc}")
 
 

@@ -40,23 +40,37 @@ def sweep() -> None:
     from datetime import timedelta
 
     from ops.queues import node_name
-    from ops.services import worker_seen, workers_gone_on_this_host
+    from ops.services import worker_seen, workers_forget_old, workers_gone_on_this_host
     from projects.services import documents_requeue_stale
 
-    from .services import builds_dispatch_requeued, builds_recover_stale, builds_reroute_stranded
+    from .services import (
+        builds_dispatch_requeued,
+        builds_recover_stale,
+        builds_reroute_stranded,
+        builds_resend_unsent,
+    )
     from .teachers import generation_runs_recover_stale
 
-    if _shutting_down.is_set():
-        return
     try:
         if node_name():
+            # Also while shutting down: a worker finishing its builds is still there.
             worker_seen(name=node_name())
+    except Exception:
+        log.exception("could not touch this worker's registry row")
+    if _shutting_down.is_set():
+        connections.close_all()
+        return
+    try:
+        workers_forget_old()
         gone = workers_gone_on_this_host()
         if gone:
             log.warning("workers %s of this host are gone; their queues no longer count", gone)
         moved = builds_reroute_stranded()
         if moved:
             log.warning("builds %s waited in a queue no live worker consumes; sent elsewhere", moved)
+        unsent = builds_resend_unsent()
+        if unsent:
+            log.warning("builds %s were never taken by the broker; sent again", unsent)
         handed_back = builds_dispatch_requeued()
         if handed_back:
             log.info("resuming builds %s that a stopping worker handed back", handed_back)

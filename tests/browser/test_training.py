@@ -41,7 +41,7 @@ def test_the_loss_chart_moves_while_training_runs(live_server, page, owner, proj
     # run the whole build inside build_start, before the page is even opened.
     from training import tasks
 
-    monkeypatch.setattr(tasks.run_build_task, "delay_on_commit", lambda *args, **kwargs: None)
+    monkeypatch.setattr(tasks.run_build_task, "apply_async", lambda *args, **kwargs: None)
     for i in range(12):
         pair_create(project=project, instruction=f"How do I reset pump P-{i}00?", input="",
                     response=f"Hold RESET for {i + 2} seconds.")  # fmt: skip

@@ -88,3 +88,18 @@ def test_only_staff_see_names_paths_and_errors(client, settings):
 def test_it_answers_head_and_refuses_post(client):
     assert client.head("/healthz").status_code == 200
     assert client.post("/healthz").status_code == 405
+
+
+def test_anonymous_callers_share_a_report_for_a_few_seconds(client, settings, monkeypatch):
+    from ops import health
+
+    calls = []
+    real = health.health_report
+    monkeypatch.setattr(health, "health_report", lambda **kw: calls.append(kw) or real(**kw))
+    settings.HEALTH_CACHE_SECONDS = 60
+    for _ in range(5):
+        assert client.get("/healthz").status_code in (200, 503)
+    assert len(calls) == 1
+    settings.HEALTH_CACHE_SECONDS = 0
+    client.get("/healthz")
+    assert len(calls) == 2

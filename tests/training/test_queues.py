@@ -72,13 +72,25 @@ def test_route_prefers_the_queue_and_falls_back_to_one_someone_consumes():
     assert queues.route("gpu", set()) == "cpu"  # nobody yet: the queue every installation has
 
 
-def test_only_live_workers_count():
+def test_a_queue_counts_while_its_worker_is_alive_or_only_briefly_gone(settings):
+    settings.QUEUE_FALLBACK_SECONDS = 600
     _worker("cpu@a", ["cpu"])
     _worker("gpu@b", ["gpu"], gpu="H200", seen_ago=10_000)  # stopped answering long ago
     assert queues.served_queues() == {"cpu"}
     Worker.objects.filter(name="gpu@b").update(last_seen=timezone.now())
     assert queues.served_queues() == {"cpu", "gpu"}
-    Worker.objects.filter(name="gpu@b").update(stopped_at=timezone.now())
+    # Signed off a minute ago (a restart): still counted, so training waits for it ...
+    Worker.objects.filter(name="gpu@b").update(stopped_at=timezone.now() - timedelta(minutes=1))
+    assert queues.served_queues() == {"cpu", "gpu"} and queues.route("gpu") == "gpu"
+    # ... but not once it has been gone longer than QUEUE_FALLBACK_SECONDS.
+    Worker.objects.filter(name="gpu@b").update(stopped_at=timezone.now() - timedelta(minutes=11))
+    assert queues.served_queues() == {"cpu"} and queues.route("gpu") == "cpu"
+    # Silent (killed on another host) for a minute: counted; long ago: not.
+    Worker.objects.filter(name="gpu@b").update(
+        stopped_at=None, last_seen=timezone.now() - timedelta(minutes=3)
+    )
+    assert "gpu" in queues.served_queues()
+    settings.QUEUE_FALLBACK_SECONDS = 0
     assert queues.served_queues() == {"cpu"}
 
 
@@ -171,9 +183,14 @@ def test_a_build_stranded_on_a_queue_nobody_consumes_is_sent_to_one(
     assert sent[-1] == (build.pk, build.dispatch_token, "gpu") and build.queue == "gpu"
     with django_capture_on_commit_callbacks(execute=True):
         assert builds_reroute_stranded() == []  # its worker is alive
-    # The only GPU worker goes away; the message has waited longer than a worker takes to restart.
+    # The only GPU worker stops (a deploy): within QUEUE_FALLBACK_SECONDS it may come back, and
+    # the build waits for it.
     Worker.objects.filter(pk=gpu.pk).update(stopped_at=timezone.now())
     Build.objects.filter(pk=build.pk).update(dispatched_at=timezone.now() - timedelta(hours=1))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_reroute_stranded() == []
+    # It does not come back.
+    Worker.objects.filter(pk=gpu.pk).update(stopped_at=timezone.now() - timedelta(minutes=11))
     with django_capture_on_commit_callbacks(execute=True):
         assert builds_reroute_stranded() == [build.pk]
     build.refresh_from_db()
@@ -218,3 +235,87 @@ def test_other_background_work_goes_where_a_worker_consumes_it(project, owner, m
     _worker("cpu@a", ["cpu"])
     queues.send(parse_document_task, 9)
     assert sent == [((7,), "cpu"), ((8,), "gpu"), ((9,), "cpu")]
+
+
+def test_a_message_the_broker_did_not_take_is_sent_again(
+    project_with_data, owner, django_capture_on_commit_callbacks, monkeypatch, gpu_step
+):
+    from training.services import builds_resend_unsent
+
+    sent, broker_up = [], [False]
+
+    def publish(args, kwargs, queue):  # type: ignore[no-untyped-def]
+        if not broker_up[0]:
+            raise ConnectionError("Redis is restarting")
+        sent.append((args[0], kwargs["token"], queue))
+
+    monkeypatch.setattr("training.tasks.run_build_task.apply_async", publish)
+    with django_capture_on_commit_callbacks(execute=True):
+        build = build_start(project=project_with_data, user=owner, steps=[{"name": "train_x"}])  # no 500
+    build.refresh_from_db()
+    assert build.status == "queued" and build.sent_at is None and sent == []
+    assert builds_resend_unsent() == []  # not before RESEND_AFTER
+    Build.objects.filter(pk=build.pk).update(dispatched_at=timezone.now() - timedelta(minutes=2))
+    broker_up[0] = True
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_resend_unsent() == [build.pk]
+    build.refresh_from_db()
+    assert sent == [(build.pk, build.dispatch_token, "cpu")] and build.sent_at is not None
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_resend_unsent() == []  # taken: not again
+
+
+def test_builds_queued_before_tokens_existed_are_sent(
+    project_with_data, owner, django_capture_on_commit_callbacks, monkeypatch, gpu_step
+):
+    from training.services import builds_resend_unsent
+
+    sent = []
+    monkeypatch.setattr(
+        "training.tasks.run_build_task.apply_async", lambda args, kwargs, queue: sent.append(queue)
+    )
+    build = build_start(project=project_with_data, user=owner, steps=[{"name": "train_x"}])
+    # As migration 0008 left a build queued by the previous version (its message in a queue no
+    # worker reads any more).
+    Build.objects.filter(pk=build.pk).update(
+        queue="",
+        dispatch_token="",
+        dispatched_at=None,
+        sent_at=None,
+        created_at=timezone.now() - timedelta(hours=1),
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_resend_unsent() == [build.pk]
+    assert sent == ["cpu"]
+
+
+def test_a_build_cancelled_before_its_hand_over_ends_cancelled(project_with_data, owner, as_worker, gpu_step):
+    from training.services import build_cancel
+
+    _worker("cpu@a", ["cpu"])
+    _worker("gpu@b", ["gpu"], gpu="H200")
+    build = build_start(project=project_with_data, user=owner, steps=[{"name": "parse"}, {"name": "train_x"}])
+    as_worker("cpu")
+    original = steps_module.STEP_RUNNERS["parse"]
+
+    def parse_then_cancel(ctx):  # type: ignore[no-untyped-def]
+        metrics = original(ctx)
+        build_cancel(build=ctx.build)  # the user presses Cancel as reading ends
+        return metrics
+
+    steps_module.STEP_RUNNERS["parse"] = parse_then_cancel
+    try:
+        build_run(build_id=build.pk, token=build.dispatch_token)
+    finally:
+        steps_module.STEP_RUNNERS["parse"] = original
+    build.refresh_from_db()
+    assert (build.status, build.queue) == ("cancelled", "cpu") and gpu_step == []
+
+
+def test_workers_gone_for_a_week_are_forgotten():
+    from ops.services import workers_forget_old
+
+    _worker("cpu@old", ["cpu"], seen_ago=8 * 86400)
+    _worker("cpu@new", ["cpu"])
+    assert workers_forget_old() == 1
+    assert list(Worker.objects.values_list("name", flat=True)) == ["cpu@new"]

@@ -255,6 +255,9 @@ def test_allowed_hosts_let_named_inner_teachers_through(dns: FakeDNS) -> None:
     for url in ("http://10.0.3.8:8000/v1", "http://10.9.0.1:8000/v1", "http://other.internal:8000/v1"):
         assert "TEACHER_ALLOWED_HOSTS" in refusal(url, policy), url
     assert "metadata" in refusal("http://169.254.170.2/v1", policy)  # only the address named
+    # An allowed name whose DNS now points at a metadata address is still refused there.
+    dns.answers["gpu-box.internal"] = ["169.254.170.2"]
+    assert "metadata" in refusal("http://gpu-box.internal:8000/v1", policy)
 
 
 def test_the_policy_is_validated() -> None:
@@ -390,7 +393,7 @@ def _settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.Compl
 def test_production_defaults_to_public_and_bad_values_stop_the_start(tmp_path: Path) -> None:
     production = {
         "SLM_PRODUCTION": "1", "ALLOWED_HOSTS": "studio.example.com", "SECRET_KEY": "k" * 60,
-        "FIELD_ENCRYPTION_KEY": "x" * 44, "ALLOW_EMBEDDED_SERVICES": "1",
+        "FIELD_ENCRYPTION_KEY": "7a9ZqkY2m3Sl0d5C6Yj1pQ8mXw4Rt7Uv9Hb2Nc5Ke0E=", "ALLOW_EMBEDDED_SERVICES": "1",
     }  # fmt: skip
     out = _settings_in_a_fresh_process(tmp_path, **production)
     assert out.returncode == 0 and out.stdout.split()[0] == "public", out.stderr[-2000:]

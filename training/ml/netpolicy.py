@@ -103,13 +103,16 @@ class EndpointPolicy:
             address = str(info[4][0])
             if address not in found:
                 found.append(address)
-        if _name(host) in self._names:
-            return found
+        allowed_name = _name(host) in self._names
         for address in found:
-            self._check_address(host, ipaddress.ip_address(address))
+            self._check_address(host, ipaddress.ip_address(address), metadata_only=allowed_name)
         return found
 
-    def _check_address(self, host: str, ip: IPAddress) -> None:
+    def _check_address(self, host: str, ip: IPAddress, *, metadata_only: bool = False) -> None:
+        """Refuse `ip` under the policy. `metadata_only`: the name itself is allowed, which lifts
+        the public-address rule but not the metadata one (a name an administrator trusts can
+        still be pointed at the metadata service by whoever controls its DNS); only an
+        allowed address range lets a metadata address through."""
         # An IPv6 address that leads to an IPv4 one is judged by the IPv4 address (::ffff:127.0.0.1
         # is the loopback, not merely "private").
         embedded = _embedded_ipv4(ip)
@@ -124,7 +127,7 @@ class EndpointPolicy:
                     f"{subject} is a link-local or cloud metadata address, where a cloud server "
                     f"hands out its own credentials; teachers are never reached there. {ADVICE}"
                 )
-        if self.mode != "public":
+        if self.mode != "public" or metadata_only:
             return
         for candidate in candidates:
             kind = _non_public_kind(candidate)
