@@ -354,9 +354,21 @@ def documents_requeue_stale(*, stale_after: timedelta) -> list[int]:
             "pk", flat=True
         )
     )
+    if ids and _messages_waiting() >= len(ids):
+        # As many messages wait as there are documents: theirs, most likely, behind a long job
+        # (re-sending every sweep of every worker would flood the queue with copies).
+        return []
     for pk in ids:
         queues.send(parse_document_task, pk)
     return ids
+
+
+def _messages_waiting() -> int:
+    """Task messages waiting in the broker (0 when it cannot be asked: then re-send)."""
+    from ops.broker import broker_probe
+
+    state = broker_probe()
+    return sum(state.depths.values()) if state.reachable else 0
 
 
 @dataclass

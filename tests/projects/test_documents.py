@@ -162,3 +162,35 @@ def test_a_parse_delivered_twice_runs_once(project, tmp_path):
         doc = document_add(project=project, stream=fh, name="guide.md", size=None).document
     assert document_parse(document_id=doc.pk) is not None
     assert document_parse(document_id=doc.pk) is None
+
+
+def test_lost_parses_are_sent_again_unless_their_messages_still_wait(project, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from projects import services
+
+    for i in range(3):
+        document_add(
+            project=project,
+            stream=SimpleUploadedFile(f"d{i}.txt", f"text {i}".encode()),
+            name=f"d{i}.txt",
+            size=None,
+        )
+    Document.objects.update(status=Document.Status.PENDING, created_at=timezone.now() - timedelta(hours=1))
+    sent = []
+    monkeypatch.setattr(services.queues, "send", lambda task, pk: sent.append(pk))
+    # Three messages wait in the broker (behind a long build): nothing is sent again.
+    monkeypatch.setattr(services, "_messages_waiting", lambda: 3)
+    assert services.documents_requeue_stale(stale_after=timedelta(seconds=60)) == [] and sent == []
+    # The broker holds nothing (the messages were lost with a killed worker): all three go again.
+    monkeypatch.setattr(services, "_messages_waiting", lambda: 0)
+    assert len(services.documents_requeue_stale(stale_after=timedelta(seconds=60))) == 3 and len(sent) == 3
+
+
+def test_the_broker_is_asked_how_many_messages_wait(settings):
+    from projects.services import _messages_waiting
+
+    # The tests' embedded broker: an empty folder, reachable.
+    assert _messages_waiting() == 0
