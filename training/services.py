@@ -122,28 +122,39 @@ def _send(build_id: int, token: str, queue: str) -> None:
 
 
 # A queued build whose message was not taken by the broker this long after it was sent is sent
-# again by the sweep (seconds).
+# again by the sweep (seconds); one the broker took but no longer holds, after LOST_AFTER.
 RESEND_AFTER = 60
+LOST_AFTER = 300
 
 
 def builds_resend_unsent() -> list[int]:
-    """Send again the queued builds whose message never reached the broker, and builds queued
-    before messages carried tokens (an upgrade: their message went to a queue no worker reads)."""
-    cutoff = timezone.now() - timedelta(seconds=RESEND_AFTER)
-    sent = []
-    waiting = Build.objects.filter(
-        status=Build.Status.QUEUED, requeue_requested_at__isnull=True, sent_at__isnull=True
+    """Send again the queued builds whose message never reached the broker, builds queued before
+    messages carried tokens (an upgrade: their message went to a queue no worker reads), and
+    builds whose message the broker lost after taking it (a Redis restarted without its data):
+    still waiting LOST_AFTER after it was sent while their queue holds no message at all."""
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=RESEND_AFTER)
+    waiting = Build.objects.filter(status=Build.Status.QUEUED, requeue_requested_at__isnull=True)
+    candidates = list(
+        waiting.filter(
+            Q(sent_at__isnull=True, dispatched_at__lt=cutoff)
+            | Q(sent_at__isnull=True, dispatched_at__isnull=True, created_at__lt=cutoff)
+        )
     )
-    for build in waiting.filter(
-        Q(dispatched_at__lt=cutoff) | Q(dispatched_at__isnull=True, created_at__lt=cutoff)
-    ):
+    lost = list(waiting.filter(sent_at__lt=now - timedelta(seconds=LOST_AFTER)))
+    if lost:
+        from ops.broker import broker_probe
+
+        state = broker_probe()
+        # Only where the broker answered and the build's queue is empty: a message behind a long
+        # build is still waiting, not lost.
+        candidates += [b for b in lost if state.reachable and state.depths.get(b.queue, 1) == 0]
+    sent = []
+    for build in candidates:
         with transaction.atomic():
             # Conditional on what we saw: of two sweeping workers, one sends it.
             if Build.objects.filter(
-                pk=build.pk,
-                status=Build.Status.QUEUED,
-                dispatch_token=build.dispatch_token,
-                sent_at__isnull=True,
+                pk=build.pk, status=Build.Status.QUEUED, dispatch_token=build.dispatch_token
             ).update(dispatched_at=timezone.now()):
                 _dispatch(build)
                 sent.append(build.pk)

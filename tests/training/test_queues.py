@@ -319,3 +319,29 @@ def test_workers_gone_for_a_week_are_forgotten():
     _worker("cpu@new", ["cpu"])
     assert workers_forget_old() == 1
     assert list(Worker.objects.values_list("name", flat=True)) == ["cpu@new"]
+
+
+def test_a_message_the_broker_lost_after_taking_it_is_sent_again(
+    project_with_data, owner, django_capture_on_commit_callbacks, monkeypatch, gpu_step
+):
+    from ops import broker
+    from training.services import builds_resend_unsent
+
+    sent, depth = [], {"cpu": 1, "gpu": 0}
+    monkeypatch.setattr(
+        "training.tasks.run_build_task.apply_async", lambda args, kwargs, queue: sent.append(queue)
+    )
+    monkeypatch.setattr(broker, "broker_probe", lambda: broker.BrokerState(True, 0.01, dict(depth)))
+    _worker("cpu@a", ["cpu"])
+    with django_capture_on_commit_callbacks(execute=True):
+        build = build_start(project=project_with_data, user=owner, steps=[{"name": "train_x"}])
+    assert sent == ["cpu"]
+    Build.objects.filter(pk=build.pk).update(sent_at=timezone.now() - timedelta(minutes=10))
+    # Its queue still holds a message (behind a long build): waiting, not lost.
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_resend_unsent() == []
+    # The broker came back empty (restarted without its data).
+    depth["cpu"] = 0
+    with django_capture_on_commit_callbacks(execute=True):
+        assert builds_resend_unsent() == [build.pk]
+    assert sent == ["cpu", "cpu"]
