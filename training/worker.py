@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from django.conf import settings
@@ -60,29 +60,30 @@ def sweep() -> None:
     if _shutting_down.is_set():
         connections.close_all()
         return
+    stale_docs = timedelta(seconds=settings.BUILD_STALE_SECONDS)
+    # Each job on its own: one that fails (the broker unreachable) does not skip the others.
+    jobs: list[tuple[Callable[[], object], str]] = [
+        (workers_forget_old, ""),
+        (workers_gone_on_this_host, "workers %s of this host are gone; their queues no longer count"),
+        (builds_reroute_stranded, "builds %s waited in a queue no worker consumes any more; sent elsewhere"),
+        (
+            builds_resend_unsent,
+            "builds %s never reached a worker (the broker did not take or lost them); sent again",
+        ),
+        (builds_dispatch_requeued, "resuming builds %s that a stopping worker handed back"),
+        (builds_recover_stale, "re-queued stale builds %s"),
+        (generation_runs_recover_stale, "recovered stale generation runs %s"),
+        (lambda: documents_requeue_stale(stale_after=stale_docs), "re-queued stale documents %s"),
+    ]
     try:
-        workers_forget_old()
-        gone = workers_gone_on_this_host()
-        if gone:
-            log.warning("workers %s of this host are gone; their queues no longer count", gone)
-        moved = builds_reroute_stranded()
-        if moved:
-            log.warning("builds %s waited in a queue no live worker consumes; sent elsewhere", moved)
-        unsent = builds_resend_unsent()
-        if unsent:
-            log.warning("builds %s were never taken by the broker; sent again", unsent)
-        handed_back = builds_dispatch_requeued()
-        if handed_back:
-            log.info("resuming builds %s that a stopping worker handed back", handed_back)
-        builds = builds_recover_stale()
-        runs = generation_runs_recover_stale()
-        if runs:
-            log.info("recovered stale generation runs %s", runs)
-        docs = documents_requeue_stale(stale_after=timedelta(seconds=settings.BUILD_STALE_SECONDS))
-        if builds or docs:
-            log.info("re-queued stale builds %s and documents %s", builds, docs)
-    except Exception:
-        log.exception("stale-job sweep failed")
+        for job, message in jobs:
+            try:
+                found = job()
+            except Exception:
+                log.exception("stale-job sweep: %s failed", getattr(job, "__name__", "a job"))
+                continue
+            if found and message:
+                log.warning(message, found)
     finally:
         # This runs in the worker's parent process; a connection left open would be inherited
         # by forked pool children.
