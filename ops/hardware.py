@@ -68,19 +68,21 @@ def _gpu() -> tuple[str | None, int | None]:
         return None, None
 
 
+def disk_free(path: Path) -> int | None:
+    """Free bytes on the disk holding `path`; None when it cannot be read."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def machine(disk: Path | None = None) -> dict[str, Any]:
     """{"cores", "memory_bytes", "gpu", "gpu_memory_bytes", "disk_free_bytes"}."""
     gpu, gpu_memory = _gpu()
-    free = None
-    if disk is not None:
-        try:
-            free = shutil.disk_usage(disk).free
-        except OSError:
-            free = None
     return {
         "cores": _cores(),
         "memory_bytes": _memory_bytes(),
         "gpu": gpu,
         "gpu_memory_bytes": gpu_memory,
-        "disk_free_bytes": free,
+        "disk_free_bytes": disk_free(disk) if disk is not None else None,
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +12,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from .hardware import machine
+from .hardware import disk_free, machine
 from .models import Worker
 
 
@@ -38,16 +37,11 @@ def worker_register(*, name: str, queues: list[str], concurrency: int | None = N
 
 def worker_seen(*, name: str) -> None:
     """The worker is still running (called from its periodic sweep); free disk is re-read."""
-    free: int | None
-    try:
-        free = shutil.disk_usage(settings.DATA_DIR).free
-    except OSError:
-        free = None
     worker = Worker.objects.filter(name=name, pid=os.getpid()).first()
     if worker is None:
         return
     worker.last_seen = timezone.now()
-    worker.hardware = worker.hardware | {"disk_free_bytes": free}
+    worker.hardware = worker.hardware | {"disk_free_bytes": disk_free(Path(settings.DATA_DIR))}
     worker.save(update_fields=["last_seen", "hardware"])
 
 

@@ -7,10 +7,28 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bare_env(**extra: str) -> dict[str, str]:
+    """An environment for a fresh process of the app with only what a server would have, plus
+    `extra`: the test run's own variables (DATA_DIR, DJANGO_ALLOW_ASYNC_UNSAFE...) stay out."""
+    return {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ} | extra
+
+
+def check_deploy(data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`manage.py check --deploy --fail-level WARNING` in a fresh process with `env` alone, its
+    DATA_DIR (also over one `env` names, e.g. a container's /data) being `data_dir`."""
+    return subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT, env=bare_env(**(env | {"DATA_DIR": str(data_dir)})), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
 
 
 def free_port() -> int:

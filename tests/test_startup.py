@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from slmstudio.startup import Config, problems
+from tests.services import bare_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,12 +76,9 @@ def test_fernet_keys_are_checked():
 
 
 def test_every_process_refuses_to_start_and_says_why(tmp_path):
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ} | {
-        "DATA_DIR": str(tmp_path / "data"),
-        "SLM_PRODUCTION": "1",
-        "ALLOWED_HOSTS": "*",
-        "SECRET_KEY": "x" * 60,
-    }
+    env = bare_env(
+        DATA_DIR=str(tmp_path / "data"), SLM_PRODUCTION="1", ALLOWED_HOSTS="*", SECRET_KEY="x" * 60
+    )
     for command in (
         [sys.executable, "manage.py", "check"],
         [sys.executable, "-m", "celery", "-A", "slmstudio", "inspect", "ping"],

@@ -4,11 +4,9 @@ CSRF on every POST, downloads never shown inline, deleting a project, and who ma
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import secrets
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from projects.models import Document, InstructionPair, Membership, Project
 from projects.services import document_add, pair_create, project_delete
 from tests.projects.test_access import _project_urls, everything  # noqa: F401  (a fixture)
 from tests.projects.test_commands import run
+from tests.services import check_deploy
 from training.models import Build, BuildStep, GenerationRun, ModelVersion, SavedRecipe, Teacher, WizardState
 from training.services import build_start
 from training.steps import StepContext
@@ -200,17 +199,7 @@ def test_api_tokens_and_the_cli_are_not_behind_the_log_in_limit(project, member)
 
 
 def _check_deploy(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    # A clean environment: the test run's own variables (DJANGO_ALLOW_ASYNC_UNSAFE...) stay out.
-    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    base.update(DATA_DIR=str(tmp_path / "data"), **env)
-    return subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=ROOT,
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return check_deploy(tmp_path / "data", **env)
 
 
 def test_production_mode_passes_the_deployment_checks(tmp_path):

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
-import os
 import re
 import secrets
 import shlex
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +40,7 @@ from tests.deploy.checks import (
     split_command,
     with_defaults,
 )
+from tests.services import check_deploy
 
 ENV_EXAMPLE = (REPO / ".env.example").read_text()
 PROCFILE = (REPO / "Procfile").read_text()
@@ -221,29 +220,15 @@ def test_compose_checks_catch(case: str) -> None:
     assert any(expected in p for p in problems), problems
 
 
-def _manage_py_check_deploy(environment: dict[str, str], data_dir: Path) -> subprocess.CompletedProcess[str]:
-    # Only what a container would have besides compose's environment (not the test run's).
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-    env.update(environment, DATA_DIR=str(data_dir))
-    return subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_the_containers_environment_passes_djangos_deployment_check(tmp_path: Path) -> None:
     """The app containers' environment, as compose fills it from .env, is a production
     configuration the app starts with (its start-up check and `check --deploy`); /data is a
     temporary folder here."""
     web_env = interpolate(load_compose(), FILLED_ENV)["services"]["web"]["environment"]
-    result = _manage_py_check_deploy(web_env, tmp_path)
+    result = check_deploy(tmp_path, **web_env)
     assert result.returncode == 0, result.stdout + result.stderr
     # The same check refuses a configuration that is not safe.
-    result = _manage_py_check_deploy({**web_env, "ALLOWED_HOSTS": "*"}, tmp_path)
+    result = check_deploy(tmp_path, **{**web_env, "ALLOWED_HOSTS": "*"})
     assert result.returncode != 0 and "ALLOWED_HOSTS" in result.stderr
 
 

@@ -11,7 +11,6 @@ connections they accept, so "not contacted" means no TCP connection at all.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import httpx
 import pytest
 from django.urls import reverse
 
+from tests.services import bare_env
 from tests.teacherserver import teacher_server
 from training.ml.netpolicy import EndpointPolicy, EndpointRefused, GuardedTransport, check_endpoint
 from training.ml.teachers import EndpointConfig, EndpointTeacher, TeacherError
@@ -382,10 +382,9 @@ def test_local_mode_registers_and_reaches_the_local_teacher_server(project, sett
 
 
 def _settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     code = "import slmstudio.settings as s; print(s.TEACHER_ENDPOINTS, s.TEACHER_ALLOWED_HOSTS)"
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=base | {"DATA_DIR": str(tmp_path)} | env,
+        [sys.executable, "-c", code], cwd=ROOT, env=bare_env(DATA_DIR=str(tmp_path), **env),
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
