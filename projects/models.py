@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import secrets
 import uuid
 from pathlib import Path
 
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
+
+
+def _new_salt() -> str:
+    return secrets.token_hex(16)
 
 
 class Project(models.Model):
@@ -17,6 +22,20 @@ class Project(models.Model):
     eval_fraction = models.FloatField(default=0.1)
     created_at = models.DateTimeField(auto_now_add=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
+    # Redaction policy, {TYPE: "keep" | "mask" | "pseudonym"}; a type not named uses
+    # projects.pii.DEFAULT_POLICY. Applied to what indexes, training and teachers read, never to
+    # the stored upload, so a policy can change later.
+    redaction = models.JSONField(default=dict, blank=True)
+    # Builds refuse to start while a finding is kept unredacted (and not marked a false alarm).
+    require_redaction = models.BooleanField(default=False)
+    # People's names to find, one per line: without an offline NER model this list is how
+    # names are found.
+    known_names = models.TextField(blank=True)
+    # Key of the hashes that stand for found values (pseudonyms are looked up by them).
+    pii_salt = models.CharField(max_length=32, default=_new_salt, editable=False)
+    # When documents or pairs last changed (upload, import, edit, delete): the data report and
+    # the scan catch up with it.
+    data_changed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -78,6 +97,8 @@ class Document(models.Model):
     # "host:pid" of the process parsing it, so a parse whose process died can be handed back.
     parsing_by = models.CharField(max_length=200, blank=True)
     parsed_at = models.DateTimeField(null=True, blank=True)
+    # When its text was scanned for personal data; null: not yet (builds scan it first).
+    pii_scanned_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -144,6 +165,8 @@ class InstructionPair(models.Model):
     origin = models.CharField(max_length=200, blank=True)  # "teacher Llama-3 (run 4)"
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # When its fields were scanned for personal data; null: not yet, or edited since.
+    pii_scanned_at = models.DateTimeField(null=True, blank=True)
 
     objects = PairQuerySet.as_manager()
 
@@ -153,3 +176,66 @@ class InstructionPair(models.Model):
 
     def __str__(self) -> str:
         return self.instruction[:60]
+
+
+class PiiFinding(models.Model):
+    """One stretch of personal data or a secret, in a document section or a pair field. The
+    value itself is not stored: the page shows it from the (access-controlled) original."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pii_findings")
+    document = models.ForeignKey(
+        Document, null=True, blank=True, on_delete=models.CASCADE, related_name="pii_findings"
+    )
+    pair = models.ForeignKey(
+        InstructionPair, null=True, blank=True, on_delete=models.CASCADE, related_name="pii_findings"
+    )
+    section = models.PositiveIntegerField(null=True, blank=True)  # a document's section index
+    # "heading" | "text" in a document section; "instruction" | "input" | "response" in a pair.
+    field = models.CharField(max_length=12)
+    start = models.PositiveIntegerField()
+    end = models.PositiveIntegerField()
+    type = models.CharField(max_length=24)
+    detector = models.CharField(max_length=80)
+    score = models.FloatField(default=1.0)
+    # Keyed hash of the normalised value (projects.pii.digest): pseudonyms and "same value" counts.
+    digest = models.CharField(max_length=64)
+    # A member marked it as not personal data (a version number that looks like an IP address).
+    ignored = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["document_id", "pair_id", "section", "field", "start"]
+        indexes = [models.Index(fields=["project", "type"]), models.Index(fields=["project", "digest"])]
+
+    def __str__(self) -> str:
+        return f"{self.type} in {'document ' + str(self.document_id) if self.document_id else 'pair ' + str(self.pair_id)}"
+
+
+class Pseudonym(models.Model):
+    """The number a value gets under the pseudonym policy: the same person is [PERSON_4] in
+    every document, pair and build of the project."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pseudonyms")
+    type = models.CharField(max_length=24)
+    digest = models.CharField(max_length=64)
+    number = models.PositiveIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "type", "digest"], name="pseudonym_unique_value"),
+            models.UniqueConstraint(fields=["project", "type", "number"], name="pseudonym_unique_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"[{self.type}_{self.number}]"
+
+
+class DataReport(models.Model):
+    """The project's dataset quality report (projects.reports), recomputed after data changes."""
+
+    project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="data_report")
+    data = models.JSONField(default=dict)
+    computed_at = models.DateTimeField()
+    seconds = models.FloatField(default=0.0)
+
+    def __str__(self) -> str:
+        return f"Data report of {self.project}"

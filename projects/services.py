@@ -551,8 +551,11 @@ def paragraph_is_held_out(*, document: Document, section: int, paragraph: int, e
 def _paragraphs(*, project: Project) -> Iterator[tuple[str, bool]]:
     """Every paragraph of the project's readable documents (a heading joins its first paragraph),
     with whether it is held out."""
+    from .privacy import Redactor, document_for_models
+
+    redactor = Redactor(project)
     for document in project.documents.filter(status=Document.Status.PARSED).order_by("pk"):
-        parsed = document_parsed(document=document)
+        parsed = document_for_models(document=document, redactor=redactor)
         if parsed is None:
             continue
         for s_index, section in enumerate(parsed.sections):

@@ -19,7 +19,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from projects.models import Document, InstructionPair
-from projects.services import document_parse, document_parsed, documents_reset_stale
+from projects.privacy import Redactor, document_for_models
+from projects.services import document_parse, documents_reset_stale
 
 from .models import Build, BuildLog, BuildStep, data_path, stored_path
 
@@ -258,13 +259,15 @@ def rag_step(ctx: StepContext) -> dict:
             "text or CSV), then build again."
         )
     chunks: list[rag.Chunk] = []
+    # The index holds the text as the project's redaction policy leaves it.
+    redactor = Redactor(project)
     for i, document in enumerate(documents, start=1):
         ctx.check_cancel()
-        parsed = document_parsed(document=document)
+        parsed = document_for_models(document=document, redactor=redactor)
         if parsed is None:
             ctx.log(f"{document.original_name}: its extracted text is missing; skipped.", level="warning")
             continue
-        title = document.title or document.original_name
+        title = parsed.title or document.original_name
         chunks += rag.chunk_document(document.pk, title, parsed.sections, config)
         ctx.progress(i, len(documents), f"{i} of {len(documents)} documents split into passages")
     ctx.log(

@@ -25,7 +25,8 @@ from django.utils import timezone
 
 from ops import queues
 from projects.models import Document, InstructionPair, Project
-from projects.services import document_parsed, pair_create
+from projects.privacy import Redactor, document_for_models
+from projects.services import pair_create
 from slmstudio.lib import crypto
 from slmstudio.lib.workers import worker_id
 
@@ -199,11 +200,13 @@ def generation_passages(*, project: Project, per_document: int) -> list[Passage]
     from .ml import rag
 
     passages: list[Passage] = []
+    # A teacher is told only what the project's redaction policy lets out.
+    redactor = Redactor(project)
     for document in project.documents.filter(status=Document.Status.PARSED).order_by("pk"):
-        parsed = document_parsed(document=document)
+        parsed = document_for_models(document=document, redactor=redactor)
         if parsed is None:
             continue
-        title = document.title or document.original_name
+        title = parsed.title or document.original_name
         chunks = [c for c in rag.chunk_document(document.pk, title, parsed.sections) if len(c.text) >= 80]
         if not chunks:
             continue
