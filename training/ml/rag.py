@@ -43,6 +43,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     import bm25s
+
+    from .embcache import EmbeddingCache
     from chromadb.api import ClientAPI
     from chromadb.api.models.Collection import Collection
 
@@ -515,6 +517,9 @@ class IndexStats:
     dimensions: int
     embedding_model: str
     seconds: float
+    # Chunks whose vectors came from the embedding cache, and chunks embedded by this build.
+    reused: int = 0
+    embedded: int = 0
 
 
 def build_index(
@@ -525,8 +530,15 @@ def build_index(
     config: ChunkConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    cache: EmbeddingCache | None = None,
+    sources: dict[str, Any] | None = None,
 ) -> IndexStats:
     """Embed and index `chunks` into the new folder `out_dir`, all or nothing.
+
+    With `cache` (an `embcache.EmbeddingCache` for this embedder), only chunks whose exact
+    embedding text the cache lacks are embedded, and those vectors are added to it. `sources`
+    (what the index was built from, e.g. the documents and their hashes) is kept as
+    `sources.json` inside the index, written with the rest.
 
     Everything is written into a hidden sibling folder that is renamed to `out_dir` at the end,
     so a reader never sees half an index and a failed or stopped build leaves nothing behind.
@@ -547,14 +559,18 @@ def build_index(
     work.mkdir()
     try:
         _write_chunks(work / "chunks.jsonl", chunks)
-        _write_vectors(work / "chroma", chunks, embedder, progress, should_stop)
+        reused, embedded = _write_vectors(work / "chroma", chunks, embedder, progress, should_stop, cache)
         _write_bm25(work / "bm25", chunks)
+        if sources is not None:
+            (work / "sources.json").write_text(json.dumps(sources, ensure_ascii=False) + "\n", encoding="utf-8")
         stats = IndexStats(
             documents=len({chunk.document_id for chunk in chunks}),
             chunks=len(chunks),
             dimensions=embedder.dimensions,
             embedding_model=embedder.name,
             seconds=0.0,
+            reused=reused,
+            embedded=embedded,
         )
         _write_manifest(work / "manifest.json", stats, config, getattr(embedder, "precision", None))
         # Checked again because the build may have taken minutes; rename() would silently
@@ -599,7 +615,9 @@ def _write_vectors(
     embedder: Embedder,
     progress: Callable[[int, int], None] | None,
     should_stop: Callable[[], bool] | None,
-) -> None:
+    cache: EmbeddingCache | None = None,
+) -> tuple[int, int]:
+    """Embed (or take from `cache`) and add every chunk; returns (reused, embedded) counts."""
     client = _chroma_client(path, read_only=False)
     try:
         collection = client.create_collection(
@@ -618,18 +636,28 @@ def _write_vectors(
         window = max(1, client.get_max_batch_size())
         batch_size = max(1, min(embedder.batch_size, window))
         total = len(chunks)
-        done = 0
+        done = reused = 0
         for window_start in range(0, total, window):
             part = chunks[window_start : window_start + window]
             texts = [chunk.embedding_text() for chunk in part]
-            vectors = np.empty((len(part), embedder.dimensions), dtype=np.float32)
-            for batch in _length_sorted_batches(texts, batch_size, _lengths(embedder, texts)):
+            if cache is not None:
+                vectors, missing = cache.lookup(texts)
+            else:
+                vectors, missing = np.empty((len(part), embedder.dimensions), dtype=np.float32), list(range(len(part)))
+            reused += len(part) - len(missing)
+            done += len(part) - len(missing)
+            todo = [texts[i] for i in missing]
+            for batch in _length_sorted_batches(todo, batch_size, _lengths(embedder, todo)):
                 if should_stop is not None and should_stop():
                     raise IndexBuildStopped(f"Stopped after embedding {done} of {total} chunks.")
-                vectors[batch] = _embed_checked(embedder, [texts[i] for i in batch])
+                vectors[[missing[i] for i in batch]] = _embed_checked(embedder, [todo[i] for i in batch])
                 done += len(batch)
                 if progress is not None:
                     progress(done, total)
+            if cache is not None and missing:  # one shard per window: a later build reuses it
+                cache.add(todo, vectors[missing])
+            if progress is not None and not missing:
+                progress(done, total)
             collection.add(
                 ids=[chunk.id for chunk in part],
                 embeddings=vectors,
@@ -639,6 +667,7 @@ def _write_vectors(
         # A chromadb 1.x PersistentClient holds its SQLite and HNSW files open until closed;
         # the folder must be closed before it is renamed (and deleted, on a failed build).
         client.close()
+    return reused, total - reused
 
 
 def _lengths(embedder: Embedder, texts: Sequence[str]) -> list[int]:
