@@ -69,8 +69,8 @@ _PRIORITY = [
     "IBAN",
     "US_SSN",
     "EMAIL",
+    "IP_ADDRESS",  # phonenumbers reads 192.168.10.20 as a phone number
     "PHONE",
-    "IP_ADDRESS",
     "PERSON",
 ]
 
@@ -213,6 +213,11 @@ _PRIVATE_KEY_END = re.compile(
 _URL_USERINFO = re.compile(r"://([^\s/@]+)@")
 
 
+# A JSON Web Token's three parts: detect-secrets' pattern ends lazily after the second dot, so
+# on its own it would leave the signature (the part that makes the token usable) unredacted.
+_JWT_TAIL = re.compile(r"[A-Za-z0-9_\-+/=]*")
+
+
 def _secret_spans(text: str) -> list[Span]:
     spans: list[Span] = []
     for type_, name, pattern in _secret_patterns():
@@ -230,12 +235,82 @@ def _secret_spans(text: str) -> list[Span]:
                 line_start = text.rfind("\n", 0, start) + 1
                 start = line_start if text[line_start:start].strip("- ") == "" else start
                 end = block_end.end() if block_end else end
+            elif name == "JSON Web Token":
+                tail = _JWT_TAIL.match(text, end)
+                end = tail.end() if tail and text[end - 1] == "." else end
             elif match.lastindex and match.end(match.lastindex) - match.start(match.lastindex) >= 16:
                 # Plugins that capture the secret in a group ("password = <secret>") report that;
                 # short groups are prefixes ("ghp"), and then the whole match is the secret.
                 start, end = match.span(match.lastindex)
             spans.append(Span(type_, start, end, text[start:end], f"detect-secrets: {name}"))
     return spans
+
+
+# Look-alikes. Presidio's patterns and phonenumbers' matcher check that a value *can* be what it
+# looks like; in technical documents many strings that can be are not. Each rule below rejects a
+# candidate from its shape and its immediate surroundings, and is tested on both sides.
+
+# A word before a dotted number that makes it a version or a section number, not an address.
+_VERSION_WORDS = re.compile(
+    r"(?:\b(?:version|versions|ver|v|release|releases|rel|revision|rev|build|kernel|linux|"
+    r"firmware|patch|update|section|sections|chapter|chapters|sec|part|step|item|no|nr)\.?|§)\s*$",
+    re.IGNORECASE,
+)
+# A heading or line that starts with a section number: "#### 12.2.1.1 What is...", "8.1.6.1. dpkg-deb"
+# (but not "10.1.2.3 web", a hosts-file line).
+_HEADING_START = re.compile(r"(?:^|\n)[ \t]*#+[ \t]*$")
+_LINE_START = re.compile(r"(?:^|\n)[ \t]*$")
+_SECTION_NUMBER_END = re.compile(r"[.)][ \t]+\S")
+# Words that make a run of bare digits a phone number ("call 4155552671").
+_PHONE_WORDS = re.compile(
+    r"\b(?:phone|telephone|tel|call|fax|mobile|cell|cellphone|sms|whatsapp|contact|hotline)\b\W{0,3}"
+    r"(?:\w+\W{1,3}){0,3}$",
+    re.IGNORECASE,
+)
+# Dates that phonenumbers accepts as numbers in some region: 30.05.2021, 12/05/2021, 2021-05-12.
+_DATE = re.compile(r"(?:\d{1,2}[./-]\d{1,2}[./-](?:\d{4}|\d{2})|\d{4}[./-]\d{1,2}[./-]\d{1,2})")
+_SSN_SHAPE = re.compile(r"\d{3}-\d{2}-\d{4}")
+# Numbers the SSA never issued or that were published in advertisements and used by thousands
+# of people (the Woolworth wallet card, 078-05-1120; the 1940s SSA pamphlet, 219-09-9999).
+_SSN_PUBLISHED = frozenset({"078051120", "219099999", "457555462"})
+
+
+def _looks_like_version(text: str, start: int, end: int) -> bool:
+    """A dotted quad that is a version ("release 10.0.0.1-rc", "libfoo-1.2.3.4") or a section
+    number ("8.1.6.1. dpkg-deb"), not an IPv4 address."""
+    before, after = text[max(0, start - 40) : start], text[end : end + 3]
+    if before[-1:].isalpha() or before[-1:] in ("-", "_", ".") or re.match(r"\.\d|[-+~][A-Za-z0-9]", after):
+        return True  # glued to a name, part of a longer dotted number, or with a version suffix
+    if _VERSION_WORDS.search(before):
+        return True
+    if _HEADING_START.search(before):
+        return True
+    return bool(_LINE_START.search(before) and _SECTION_NUMBER_END.match(text, end))
+
+
+def _plausible(type_: str, text: str, start: int, end: int) -> bool:
+    """Whether a pattern match of `type_` at text[start:end] survives the look-alike rules."""
+    value = text[start:end]
+    if type_ == "IP_ADDRESS":
+        if ":" in value and "." not in value:
+            # IPv6 with no decimal digit is C++ or Rust ("a::b", "cafe::face") far more often.
+            return any(c.isdigit() for c in value)
+        return ":" in value or not _looks_like_version(text, start, end)
+    if type_ == "PHONE":
+        if _DATE.fullmatch(value) or _SSN_SHAPE.fullmatch(value):
+            return False
+        if value.isdigit():
+            # An undivided run of digits is an id, an order number or a timestamp unless the
+            # words before it say it is a number to call.
+            return bool(_PHONE_WORDS.search(text[max(0, start - 40) : start]))
+        return not _VERSION_WORDS.search(text[max(0, start - 40) : start])
+    if type_ == "EMAIL":
+        # "git@salsa.debian.org:team/repo.git" is an SSH remote, not an address to write to.
+        return not re.match(r":[\w~/.-]", text[end : end + 2])
+    if type_ == "US_SSN":
+        digits = re.sub(r"\D", "", value)
+        return not (digits.startswith("9") or digits in _SSN_PUBLISHED)
+    return True
 
 
 class NerUnavailable(Exception):
@@ -300,7 +375,7 @@ class Detector:
         spans: list[Span] = []
         for type_, recognizer in _presidio_recognizers():
             for result in recognizer.analyze(text, recognizer.supported_entities, None):
-                if result.score >= MIN_SCORE:
+                if result.score >= MIN_SCORE and _plausible(type_, text, result.start, result.end):
                     spans.append(
                         Span(
                             type_,
