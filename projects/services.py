@@ -162,6 +162,42 @@ def project_delete(*, project: Project, actor: AbstractBaseUser | None) -> None:
     transaction.on_commit(lambda: [_remove_folder(folder) for folder in folders])
 
 
+# --- The data quality report -----------------------------------------------------------------
+
+# The report is computed in `training` (it needs the embedding model), and projects must not
+# import training. The task is looked up by name in Celery's registry rather than sent with
+# `send_task`: a registered task honours CELERY_TASK_ALWAYS_EAGER and ops.queues' routing like
+# every other task, where `send_task` would always go to the broker.
+DATA_REPORT_TASK = "training.tasks.data_report_task"
+
+
+def data_changed(*, project: Project) -> None:
+    """Documents or pairs changed: mark the project's data report out of date and ask for a new
+    one once the change is committed. The task skips work when the report is already newer than
+    this mark, so a burst of uploads computes it about once."""
+    now = timezone.now()
+    Project.objects.filter(pk=project.pk).update(data_changed_at=now)
+    project.data_changed_at = now
+    project_id = project.pk
+    transaction.on_commit(lambda: _send_data_report(project_id))
+
+
+def _send_data_report(project_id: int) -> None:
+    from celery import current_app
+
+    task = current_app.tasks.get(DATA_REPORT_TASK)
+    if task is None:
+        # Task modules load lazily outside a worker: Celery's own autodiscovery imports them.
+        current_app.loader.import_default_modules()
+        task = current_app.tasks.get(DATA_REPORT_TASK)
+    if task is None:  # an installation without the training app: nothing computes reports
+        return
+    try:
+        queues.send(task, project_id)
+    except Exception:  # a broker that does not answer must not fail the upload; Recompute retries
+        log.exception("could not send the data report task for project %s", project_id)
+
+
 # --- Documents -----------------------------------------------------------------------------
 
 
@@ -302,6 +338,7 @@ def document_parse(
             "status", "kind", "title", "page_count", "section_count", "char_count", "parsed_at",
         ]
     )  # fmt: skip
+    data_changed(project=document.project)
     return document
 
 
@@ -310,6 +347,7 @@ def _document_failed(document: Document, message: str) -> Document:
     document.error = message
     document.parsed_at = timezone.now()
     document.save(update_fields=["status", "error", "parsed_at"])
+    data_changed(project=document.project)
     return document
 
 
@@ -321,7 +359,9 @@ def document_parsed(*, document: Document) -> ParsedDocument | None:
 
 
 def document_delete(*, document: Document) -> None:
+    project = document.project
     document.delete()
+    data_changed(project=project)
     # After the row: a crash between the two leaves orphan files, never a row without its file.
     for path in (document.file_path, document.parsed_path):
         path.unlink(missing_ok=True)
@@ -467,6 +507,8 @@ def pairs_import(*, project: Project, data: bytes, filename: str) -> PairsImport
     ]
     with transaction.atomic():
         InstructionPair.objects.bulk_create(rows)
+    if rows:
+        data_changed(project=project)
     train = sum(r.split == InstructionPair.Split.TRAIN for r in rows)
     return PairsImported(len(rows), report.rejected, train, len(rows) - train)
 
@@ -495,7 +537,7 @@ def pair_create(
     key = pairformats.pair_key(instruction, input, response)
     if project.pairs.filter(key=key).exists():
         raise ValidationError("This pair is already in the project.")
-    return InstructionPair.objects.create(
+    pair = InstructionPair.objects.create(
         project=project,
         instruction=instruction,
         input=input,
@@ -504,6 +546,8 @@ def pair_create(
         split=pairformats.split_for(key, project.eval_fraction),
         source=source,
     )
+    data_changed(project=project)
+    return pair
 
 
 def pair_update(*, pair: InstructionPair, instruction: str, input: str, response: str) -> InstructionPair:
@@ -513,15 +557,29 @@ def pair_update(*, pair: InstructionPair, instruction: str, input: str, response
     if pair.project.pairs.filter(key=key).exclude(pk=pair.pk).exists():
         raise ValidationError("Another pair in the project has exactly this text.")
     pair.instruction, pair.input, pair.response, pair.key = instruction, input, response, key
-    pair.save(update_fields=["instruction", "input", "response", "key", "updated_at"])
+    # Its findings point into the old text: gone, and the pair waits for a new scan (builds and
+    # pairs_for_models scan it before reading it).
+    pair.pii_scanned_at = None
+    with transaction.atomic():
+        pair.save(update_fields=["instruction", "input", "response", "key", "updated_at", "pii_scanned_at"])
+        pair.pii_findings.all().delete()
+    data_changed(project=pair.project)
     return pair
+
+
+def pair_delete(*, pair: InstructionPair) -> None:
+    pair.delete()
+    data_changed(project=pair.project)
 
 
 def pairs_review(*, project: Project, pair_ids: list[int], decision: str) -> int:
     """Accept or reject pairs (generated ones wait for this) in bulk; returns how many changed."""
     if decision not in (InstructionPair.Review.ACCEPTED, InstructionPair.Review.REJECTED):
         raise ValidationError("Accept or reject.")
-    return project.pairs.filter(pk__in=pair_ids).exclude(review=decision).update(review=decision)
+    changed = project.pairs.filter(pk__in=pair_ids).exclude(review=decision).update(review=decision)
+    if changed:
+        data_changed(project=project)
+    return changed
 
 
 def pairs_export_jsonl(*, project: Project) -> str:

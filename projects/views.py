@@ -346,7 +346,7 @@ def pair_edit(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse
 def pair_delete(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResponse:
     project = project_or_404(request, slug)
     pair = get_object_or_404(InstructionPair, pk=pk, project=project)
-    pair.delete()
+    services.pair_delete(pair=pair)
     if request.htmx:
         return HttpResponse("")
     messages.success(request, "Pair deleted.")

@@ -18,6 +18,7 @@ urlpatterns = [
     path("p/<slug:slug>/builds/", include("training.urls")),
     path("p/<slug:slug>/teachers/", include("training.teacher_urls")),
     path("p/<slug:slug>/wizard/", include("training.wizard_urls")),
+    path("p/<slug:slug>/data-quality/", include("training.report_urls")),
     path("p/<slug:slug>/models/", include("inference.urls")),
     path("settings/", inference_views.settings_page, name="inference-settings"),
     path("settings/tokens/<int:pk>/revoke/", inference_views.token_revoke, name="inference-token-revoke"),

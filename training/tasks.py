@@ -47,3 +47,13 @@ def generate_pairs_task(run_id: int) -> None:
     from .teachers import generation_run
 
     generation_run(run_id=run_id)
+
+
+# A report reads every document and embeds every passage once: minutes for a large project on a
+# CPU, so more than the 10 minutes other short tasks get. Redelivery is harmless: a second run
+# finds the report current and returns.
+@shared_task(acks_late=True, ignore_result=True, soft_time_limit=1800, time_limit=1860)
+def data_report_task(project_id: int, force: bool = False) -> None:
+    from .reports import report_refresh
+
+    report_refresh(project_id=project_id, force=force)

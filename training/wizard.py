@@ -10,12 +10,12 @@ estimate falls back to the reference numbers measured on the 2-core development 
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
-from projects.models import Document, InstructionPair, Project
+from projects.models import DataReport, Document, InstructionPair, Project
 
-from .ml.advisor import Situation, recommend
+from .ml.advisor import MIN_PAIRS_FOR_TRAINING, Situation, recommend
 from .models import BuildStep
 from .recipes import RecipeError, recipe_plan
 from .registry import base_model_default
@@ -219,7 +219,29 @@ def estimate(project: Project, recipe: str) -> dict[str, Any]:
 def recommend_for(project: Project, answers: dict[str, Any]) -> dict[str, Any]:
     """The `recommend` command's JSON: recipe, why, estimates, alternatives."""
     situation = project_situation(project, answers)
+    advice, data_notes = [], []
+    report = DataReport.objects.filter(project=project).first()
+    if report is not None:
+        advice = list(report.data.get("advice") or [])
+        pairs = report.data.get("pairs") or {}
+        # Repeated pairs teach nothing new: count the distinct ones against the training minimum,
+        # so a project of 60 pairs that are 30 twice is not sent to LoRA.
+        repeated = int(pairs.get("duplicates", 0)) + int(pairs.get("near_duplicates", 0))
+        distinct = max(0, situation.pairs - repeated)
+        if repeated and distinct < MIN_PAIRS_FOR_TRAINING <= situation.pairs:
+            situation = replace(situation, pairs=distinct)
+            data_notes.append(
+                f"{repeated} of your pairs repeat others (data quality report): the {distinct} distinct ones are "
+                "what training can learn from."
+            )
     rec = recommend(situation)
+    rec.why = data_notes + rec.why
+    support = (report.data.get("pairs") or {}).get("support") or {} if report is not None else {}
+    if "raft" in rec.recipe and support.get("scored") and support.get("unsupported", 0) / support["scored"] >= 0.3:
+        rec.why.append(
+            f"{support['unsupported']} of {support['scored']} answers are not found in your documents: RAFT "
+            "trains on your answers with passages, so add the documents they come from for the best result."
+        )
     try:
         estimates = estimate(project, rec.recipe_string)
     except RecipeError as exc:  # never expected: every recommendation is a valid recipe
@@ -240,6 +262,8 @@ def recommend_for(project: Project, answers: dict[str, Any]) -> dict[str, Any]:
         "scenario": rec.scenario,
         "estimates": estimates,
         "alternatives": rec.alternatives,
+        # The data quality report's advice (projects.quality.advice), shown with the recommendation.
+        "advice": advice,
         "situation": asdict(situation),
         "machine": machine(),
     }

@@ -140,8 +140,9 @@ def test_large_files_are_parsed_by_a_worker(
     settings.PARSE_INLINE_MAX_BYTES = 10
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         _upload(owner_client, project, fx.make_markdown(tmp_path))
-    # The upload itself left it waiting; the (eager) task on commit parsed it.
-    assert len(callbacks) == 1
+    # The upload itself left it waiting; the (eager) task on commit parsed it, and the parse
+    # asked for a fresh data quality report.
+    assert [c.__qualname__.split(".")[0] for c in callbacks] == ["document_schedule_parse", "data_changed"]
     assert project.documents.get().status == Document.Status.PARSED
 
 
