@@ -127,10 +127,13 @@ def _support(
             chunks += rag.chunk_document(document.pk, parsed.title or document.original_name, parsed.sections)
     if not chunks:
         return [None] * len(pairs), [None] * len(pairs)
+    from .ml.embcache import EmbeddingCache
+
     embedder = shared_embedder()
-    # TODO(issue 11): read chunk vectors through the embedding cache (training/ml/embcache.py)
-    # once it lands, so the report and the next RAG build embed each passage once.
-    passages = embedder.embed([c.embedding_text() for c in chunks])
+    # Passage vectors through the project's embedding cache (the folder the RAG step uses), so
+    # the report and the next RAG build embed each passage once.
+    cache = EmbeddingCache(project.data_dir / "embeddings", embedder)
+    passages = cache.embed([c.embedding_text() for c in chunks])
     answers = embedder.embed([p.response for p in pairs])
     best_scores: list[float | None] = []
     topics: list[str | None] = []
