@@ -62,11 +62,12 @@ DEFAULT_POLICY: dict[str, str] = {
 
 # When two findings overlap, the one whose type comes first here wins (then the longer one):
 # a card number is also a phone number to phonenumbers; "user:pw@host" is also an e-mail.
+# An IBAN (checked by its mod-97 checksum) beats a card: 16 of its digits pass Luhn one time in ten.
 _PRIORITY = [
     "SECRET",
     "URL_CREDENTIALS",
-    "CREDIT_CARD",
     "IBAN",
+    "CREDIT_CARD",
     "US_SSN",
     "EMAIL",
     "IP_ADDRESS",  # phonenumbers reads 192.168.10.20 as a phone number
@@ -250,11 +251,15 @@ def _secret_spans(text: str) -> list[Span]:
 # looks like; in technical documents many strings that can be are not. Each rule below rejects a
 # candidate from its shape and its immediate surroundings, and is tested on both sides.
 
-# A word before a dotted number that makes it a version or a section number, not an address.
+# A word before a dotted number that makes it a version, or a section or item number, not an
+# address (and, for versions, not a phone number either).
 _VERSION_WORDS = re.compile(
-    r"(?:\b(?:version|versions|ver|v|release|releases|rel|revision|rev|build|kernel|linux|"
-    r"firmware|patch|update|section|sections|chapter|chapters|sec|part|step|item|no|nr)\.?|§)\s*$",
+    r"\b(?:version|versions|ver|v|release|releases|rel|revision|rev|build|kernel|linux|firmware|patch)"
+    r"\.?\s*$",
     re.IGNORECASE,
+)
+_SECTION_WORDS = re.compile(
+    r"(?:\b(?:section|sections|chapter|chapters|sec|part|step|item|no|nr)\.?|§)\s*$", re.IGNORECASE
 )
 # A heading or line that starts with a section number: "#### 12.2.1.1 What is...", "8.1.6.1. dpkg-deb"
 # (but not "10.1.2.3 web", a hosts-file line).
@@ -269,7 +274,16 @@ _PHONE_WORDS = re.compile(
 )
 # Dates that phonenumbers accepts as numbers in some region: 30.05.2021, 12/05/2021, 2021-05-12.
 _DATE = re.compile(r"(?:\d{1,2}[./-]\d{1,2}[./-](?:\d{4}|\d{2})|\d{4}[./-]\d{1,2}[./-]\d{1,2})")
-_SSN_SHAPE = re.compile(r"\d{3}-\d{2}-\d{4}")
+_DATE_PREFIX = re.compile(r"(?:\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[./-]\d{1,2}[./-]\d{4})(?!\d)")
+# Four dotted groups of up to three digits are an IPv4 address or a version/section number
+# ("0.12.2.25+dfsg", "section 13.8.8.16"); when the IP rules reject one, it is not a phone either.
+_DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+_SSN_SHAPE = re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)")
+# Sixteen digits in fours is a card's shape (one failing the Luhn check is an id, not a phone).
+_CARD_SHAPE = re.compile(r"\d{4}([ -])\d{4}\1\d{4}\1\d{1,4}")
+# The start of an IBAN-shaped run ("NL88 PARR " or "ES8764421516"): digits after it belong to
+# the IBAN, which, if its checksum failed, is not a card or a phone number either.
+_IBAN_SHAPE_BEFORE = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){0,7} ?$")
 # Numbers the SSA never issued or that were published in advertisements and used by thousands
 # of people (the Woolworth wallet card, 078-05-1120; the 1940s SSA pamphlet, 219-09-9999).
 _SSN_PUBLISHED = frozenset({"078051120", "219099999", "457555462"})
@@ -281,23 +295,39 @@ def _looks_like_version(text: str, start: int, end: int) -> bool:
     before, after = text[max(0, start - 40) : start], text[end : end + 3]
     if before[-1:].isalpha() or before[-1:] in ("-", "_", ".") or re.match(r"\.\d|[-+~][A-Za-z0-9]", after):
         return True  # glued to a name, part of a longer dotted number, or with a version suffix
-    if _VERSION_WORDS.search(before):
+    if _VERSION_WORDS.search(before) or _SECTION_WORDS.search(before):
         return True
     if _HEADING_START.search(before):
         return True
     return bool(_LINE_START.search(before) and _SECTION_NUMBER_END.match(text, end))
 
 
+def _trimmed(type_: str, text: str, start: int, end: int) -> tuple[int, int]:
+    """phonenumbers keeps an opening parenthesis that has no closing one in the number
+    ("(+44 20 7946 0958)" gives "(+44 20 7946 0958"); the number starts after it."""
+    if type_ == "PHONE" and text[start] == "(" and ")" not in text[start:end]:
+        start += 1
+    return start, end
+
+
 def _plausible(type_: str, text: str, start: int, end: int) -> bool:
     """Whether a pattern match of `type_` at text[start:end] survives the look-alike rules."""
     value = text[start:end]
+    if type_ in ("PHONE", "CREDIT_CARD") and _IBAN_SHAPE_BEFORE.search(text[max(0, start - 40) : start]):
+        return False
+    if type_ == "CREDIT_CARD":
+        return text[start - 1 : start] != "+"  # "+5511961236891" is a phone number
     if type_ == "IP_ADDRESS":
         if ":" in value and "." not in value:
             # IPv6 with no decimal digit is C++ or Rust ("a::b", "cafe::face") far more often.
             return any(c.isdigit() for c in value)
         return ":" in value or not _looks_like_version(text, start, end)
     if type_ == "PHONE":
-        if _DATE.fullmatch(value) or _SSN_SHAPE.fullmatch(value):
+        if _DATE.fullmatch(value) or _DATE_PREFIX.match(value.lstrip("(")) or _CARD_SHAPE.fullmatch(value):
+            return False  # "30.05.2021", "2021-05-12 3" (a date and the next number)
+        if _DOTTED_QUAD.fullmatch(value):
+            return False
+        if _SSN_SHAPE.search(value):
             return False
         if value.isdigit():
             # An undivided run of digits is an id, an order number or a timestamp unless the
@@ -375,13 +405,14 @@ class Detector:
         spans: list[Span] = []
         for type_, recognizer in _presidio_recognizers():
             for result in recognizer.analyze(text, recognizer.supported_entities, None):
-                if result.score >= MIN_SCORE and _plausible(type_, text, result.start, result.end):
+                start, end = _trimmed(type_, text, result.start, result.end)
+                if result.score >= MIN_SCORE and _plausible(type_, text, start, end):
                     spans.append(
                         Span(
                             type_,
-                            result.start,
-                            result.end,
-                            text[result.start : result.end],
+                            start,
+                            end,
+                            text[start:end],
                             f"presidio: {recognizer.name}",
                             round(float(result.score), 2),
                         )

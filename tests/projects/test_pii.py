@@ -355,3 +355,43 @@ def test_redact_ignores_overlapping_and_out_of_range_spans() -> None:
 
 def test_empty_and_blank_text() -> None:
     assert pii.Detector().detect("") == [] and pii.Detector().detect(" \n\t") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Look-alikes the benchmark (bench/pii_detection.py) found
+
+
+def test_an_iban_wins_over_the_card_number_inside_it(detector: pii.Detector) -> None:
+    # 16 of this IBAN's digits ("6442 1516 6830 5513") happen to pass the Luhn check.
+    text = "Pay ES87 6442 1516 6830 5513 0208 now."
+    assert [(s.type, s.text) for s in detector.detect(text)] == [("IBAN", "ES87 6442 1516 6830 5513 0208")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Pay NL88 PARR 1244 5342 82 now.",  # an IBAN with a wrong checksum: not a phone either
+        "Ref 4936-1815-6669-4868 applies.",  # card-shaped, fails Luhn: not a phone either
+        "In (1371283209) the bug was closed.",  # a timestamp in parentheses
+        "Form (666-12-7769) was filed.",  # an invalid SSN in parentheses
+        "Debian (787-12-0000) 8 Jessie.",
+        "See Chapter 1995-08-13 3, Choosing.",
+        "Keymaps for 0.12.2.25+dfsg keyboards.",
+        "Use a mirror: see section 13.8.8.16, near you.",
+    ],
+)
+def test_lookalikes_in_context_are_nothing(detector: pii.Detector, text: str) -> None:
+    assert detector.detect(text) == []
+
+
+def test_phone_spans_leave_an_opening_parenthesis_out(detector: pii.Detector) -> None:
+    assert found(detector, "Ring us (+44 7400 128091) today.") == ["+44 7400 128091"]
+    assert found(detector, "Ring us (07400 128091) today.") == ["07400 128091"]
+
+
+def test_phone_cases_that_look_like_other_things(detector: pii.Detector) -> None:
+    assert [(s.type, s.text) for s in detector.detect("Tel. +5511961236891 today")] == [
+        ("PHONE", "+5511961236891")
+    ]
+    assert found(detector, "Tel. No. 020 7946 0958", "PHONE") == ["020 7946 0958"]
+    assert found(detector, "Appelez le 01.23.45.67.89 demain.", "PHONE") == ["01.23.45.67.89"]
