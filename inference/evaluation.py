@@ -23,6 +23,7 @@ import numpy as np
 from django.conf import settings
 
 from projects.models import InstructionPair, Project
+from projects.privacy import pairs_for_models
 from projects.services import documents_held_out_text
 from training.embedding import shared_embedder
 from training.ml import evaluate, quantize
@@ -57,7 +58,26 @@ OTHER_KEYS = (
     "eval_pairs",
     "held_out",
     "eval_text_sha256",  # which text the perplexity is over: equal hashes, comparable numbers
+    "gguf_identity",  # which file was measured (path, size, mtime): equal identities, same weights
+    "carried_over",  # {"from_version": N, "keys": [...]}: numbers taken from an earlier version
 )
+
+# Numbers that depend only on the GGUF file (speed, memory, size), and those that depend on the
+# file and the held-out document text (perplexity and KL divergence). A refresh carries them over
+# from the version it refreshes when those inputs are the same; answer quality depends on the
+# index and is always measured again.
+FILE_KEYS = ("tokens_per_second", "prompt_tokens_per_second", "peak_memory_bytes", "size_bytes", "bits_per_weight")
+TEXT_KEYS = ("perplexity", "bits_per_byte", "kl_divergence", "top1_agreement", "eval_tokens", "eval_bytes", "held_out")
+
+
+def gguf_identity(gguf: Path, parent: Path | None = None) -> str:
+    """The measured file (and the parent KL divergence is against), as path, size and mtime."""
+    parts = []
+    for path in (gguf, parent):
+        if path is not None:
+            st = Path(path).stat()
+            parts.append(f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def evaluate_model(
@@ -68,14 +88,28 @@ def evaluate_model(
     index_dir: Path | None,
     report: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] | None = None,
+    carry_from: tuple[int, dict] | None = None,
 ) -> dict:
-    """Measure one GGUF (with its index, when it answers from documents)."""
+    """Measure one GGUF (with its index, when it answers from documents).
+
+    `carry_from` is (version number, its evaluate metrics): numbers that depend only on inputs
+    that are the same here (the same GGUF file; for perplexity also the same held-out text) are
+    taken from it instead of measured, and listed under "carried_over"."""
     stop = should_stop or (lambda: False)
     metrics: dict = dict.fromkeys(CONTRACT_KEYS + OTHER_KEYS)
+    identity = gguf_identity(gguf, parent)
+    metrics["gguf_identity"] = identity
+    earlier_number, earlier = carry_from or (None, {})
+    same_file = bool(earlier) and earlier.get("gguf_identity") == identity
+    carried: list[str] = []
 
     held = documents_held_out_text(project=project)
+    held_sha = hashlib.sha256(held.text.encode()).hexdigest()[:16]
     score = None
-    if held.text.strip():
+    if same_file and held.text.strip() and earlier.get("eval_text_sha256") == held_sha and earlier.get("perplexity") is not None:
+        metrics |= {key: earlier.get(key) for key in TEXT_KEYS} | {"eval_text_sha256": held_sha}
+        carried += [key for key in TEXT_KEYS if earlier.get(key) is not None]
+    elif held.text.strip():
         report(
             "perplexity on held-out document text" + (" and KL divergence to the parent" if parent else "")
         )
@@ -96,16 +130,13 @@ def evaluate_model(
             "eval_tokens": score.tokens,
             "eval_bytes": score.bytes,
             "held_out": held.held_out,
-            "eval_text_sha256": hashlib.sha256(held.text.encode()).hexdigest()[:16],
+            "eval_text_sha256": held_sha,
         }
     if stop():
         raise BuildCancelled
 
-    pairs = list(
-        project.pairs.usable()
-        .filter(split=InstructionPair.Split.EVAL)
-        .order_by("pk")[: settings.EVAL_MAX_PAIRS]
-    )
+    # Asked and scored as the models were trained and indexed: with the redaction applied.
+    pairs = pairs_for_models(project=project, split=InstructionPair.Split.EVAL, limit=settings.EVAL_MAX_PAIRS)
     if pairs:
         report(f"answering {len(pairs)} held-out questions")
         # Opened for this evaluation only: the worker must not keep every build's index open.
@@ -116,8 +147,7 @@ def evaluate_model(
             for pair in pairs:
                 if stop():
                     raise BuildCancelled
-                question = "\n\n".join(filter(None, [pair.instruction, pair.input]))
-                answer = answer_from(gguf=gguf, index=index, question=question, history=[], chat=chat)
+                answer = answer_from(gguf=gguf, index=index, question=pair.question, history=[], chat=chat)
                 answers.append(answer.complete().text)
         finally:
             if index is not None:
@@ -132,15 +162,21 @@ def evaluate_model(
             "eval_pairs": len(pairs),
         }
 
-    report("speed and memory")
-    speed = evaluate.measure_speed(gguf)
-    metrics |= {
-        "tokens_per_second": _round(speed.tokens_per_second, 1),
-        "prompt_tokens_per_second": _round(speed.prompt_tokens_per_second, 1),
-        "peak_memory_bytes": speed.peak_memory_bytes,
-        "size_bytes": gguf.stat().st_size,
-        "bits_per_weight": _round(quantize.gguf_bits_per_weight(gguf)[0], 3),
-    }
+    if same_file and earlier.get("tokens_per_second") is not None:
+        metrics |= {key: earlier.get(key) for key in FILE_KEYS}
+        carried += list(FILE_KEYS)
+    else:
+        report("speed and memory")
+        speed = evaluate.measure_speed(gguf)
+        metrics |= {
+            "tokens_per_second": _round(speed.tokens_per_second, 1),
+            "prompt_tokens_per_second": _round(speed.prompt_tokens_per_second, 1),
+            "peak_memory_bytes": speed.peak_memory_bytes,
+            "size_bytes": gguf.stat().st_size,
+            "bits_per_weight": _round(quantize.gguf_bits_per_weight(gguf)[0], 3),
+        }
+    if carried:
+        metrics["carried_over"] = {"from_version": earlier_number, "keys": carried}
     return metrics
 
 
@@ -152,6 +188,7 @@ def _round(value: float | None, digits: int) -> float | None:
 def evaluate_step(ctx: StepContext) -> dict:
     """Measure every model the build made; the numbers go onto each new ModelVersion."""
     candidates = build_candidates(ctx.build, ctx.outputs())
+    earlier = _refreshed_version(ctx)
     results: dict[str, dict] = {}
     for i, candidate in enumerate(candidates):
         ctx.check_cancel(force=True)
@@ -168,6 +205,11 @@ def evaluate_step(ctx: StepContext) -> dict:
                 index_dir=candidate.index_dir,
                 report=report,
                 should_stop=ctx.cancel_requested,
+                carry_from=(
+                    (earlier.number, earlier.evaluation)
+                    if earlier is not None and earlier.quant_type == candidate.label
+                    else None
+                ),
             )
         finally:
             engines.drop(candidate.gguf)  # the worker keeps no model a build only measured
@@ -175,6 +217,14 @@ def evaluate_step(ctx: StepContext) -> dict:
     baseline = _baseline(ctx, candidates[0].index_dir if candidates else None)
     ctx.progress(len(candidates), len(candidates), f"{len(candidates)} model(s) measured", force=True)
     return {"models": results} | ({"baseline": baseline} if baseline else {})
+
+
+def _refreshed_version(ctx: StepContext) -> ModelVersion | None:
+    """The version a refresh build refreshes (its evaluate step's "refresh_of"), if any."""
+    pk = ctx.step.params.get("refresh_of")
+    if not pk:
+        return None
+    return ModelVersion.objects.filter(pk=pk, project=ctx.build.project).first()
 
 
 def _baseline(ctx: StepContext, index_dir: Path | None) -> dict | None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Max, Q, QuerySet
 from django.utils import timezone
@@ -38,7 +39,9 @@ def ner_model() -> str | None:
 
 
 def known_names(project: Project) -> tuple[str, ...]:
-    return tuple(sorted({" ".join(line.split()) for line in project.known_names.splitlines() if line.strip()}))
+    return tuple(
+        sorted({" ".join(line.split()) for line in project.known_names.splitlines() if line.strip()})
+    )
 
 
 def detector_for(project: Project) -> pii.Detector:
@@ -54,9 +57,7 @@ def detector_for(project: Project) -> pii.Detector:
 # --- Scanning --------------------------------------------------------------------------------
 
 
-def _finding_rows(
-    project: Project, spans: Iterable[pii.Span], **where: object
-) -> list[PiiFinding]:
+def _finding_rows(project: Project, spans: Iterable[pii.Span], **where: object) -> list[PiiFinding]:
     return [
         PiiFinding(
             project=project,
@@ -93,7 +94,9 @@ def document_scan(*, document: Document, detector: pii.Detector | None = None) -
         for index, section in enumerate(parsed.sections):
             for field in ("heading", "text"):
                 text = getattr(section, field) or ""
-                rows += _finding_rows(project, detector.detect(text), document=document, section=index, field=field)
+                rows += _finding_rows(
+                    project, detector.detect(text), document=document, section=index, field=field
+                )
     with transaction.atomic():
         old = PiiFinding.objects.filter(document=document)
         _keep_ignored(project, rows, old)
@@ -115,7 +118,9 @@ def pair_scan(*, pair: InstructionPair, detector: pii.Detector | None = None) ->
         old.delete()
         PiiFinding.objects.bulk_create(rows, batch_size=500)
         # Only if unchanged since it was read: an edit meanwhile leaves it for the next scan.
-        InstructionPair.objects.filter(pk=pair.pk, updated_at=pair.updated_at).update(pii_scanned_at=timezone.now())
+        InstructionPair.objects.filter(pk=pair.pk, updated_at=pair.updated_at).update(
+            pii_scanned_at=timezone.now()
+        )
     return len(rows)
 
 
@@ -149,7 +154,9 @@ def project_scan(
         if progress:
             progress(done, total)
     for start in range(0, len(pair_ids), 500):
-        for pair in InstructionPair.objects.select_related("project").filter(pk__in=pair_ids[start : start + 500]):
+        for pair in InstructionPair.objects.select_related("project").filter(
+            pk__in=pair_ids[start : start + 500]
+        ):
             found += pair_scan(pair=pair, detector=detector)
             done += 1
             if progress and done % 50 == 0:
@@ -183,9 +190,15 @@ def findings_summary(*, project: Project) -> dict:
     )
     return {
         "findings": {t: by_type[t] for t in pii.TYPES if by_type.get(t)},
-        "documents": project.documents.filter(status=Document.Status.PARSED, pii_scanned_at__isnull=False).count(),
+        "documents": project.documents.filter(
+            status=Document.Status.PARSED, pii_scanned_at__isnull=False
+        ).count(),
         "pairs": project.pairs.filter(pii_scanned_at__isnull=False).count(),
-        "documents_with_findings": _active(project).filter(document__isnull=False).values("document").distinct().count(),
+        "documents_with_findings": _active(project)
+        .filter(document__isnull=False)
+        .values("document")
+        .distinct()
+        .count(),
         "pairs_with_findings": _active(project).filter(pair__isnull=False).values("pair").distinct().count(),
         "unredacted": unredacted_findings(project=project).count(),
     }
@@ -197,23 +210,25 @@ def unredacted_findings(*, project: Project) -> QuerySet[PiiFinding]:
     return _active(project).filter(type__in=kept)
 
 
-class RedactionRequired(Exception):
-    """A build asked for no unredacted findings and there are some."""
+class RedactionRequired(ValidationError):
+    """The project requires redaction and a finding is still kept as is."""
 
     def __init__(self, count: int) -> None:
         self.count = count
         super().__init__(
-            f"This project requires redaction and {count} finding{'s are' if count != 1 else ' is'} "
-            "still kept as is. Choose mask or pseudonym for their types, or mark false alarms, on the "
+            f"This project requires redaction, and {count} finding{'s are' if count != 1 else ' is'} "
+            "still kept as is. Mask or pseudonymise their types, or mark false alarms, on the "
             "Privacy page; then build again."
         )
 
 
-def redaction_check(*, project: Project) -> None:
-    """Raise RedactionRequired when the project requires redaction and a finding is kept."""
+def redaction_check(*, project: Project, scan: bool = True) -> None:
+    """Raise RedactionRequired when the project requires redaction and a finding is kept.
+    `scan` first scans what is new (a build does; a web request checks what is known)."""
     if not project.require_redaction:
         return
-    project_scan(project=project)
+    if scan:
+        project_scan(project=project)
     count = unredacted_findings(project=project).count()
     if count:
         raise RedactionRequired(count)
@@ -258,10 +273,14 @@ def redaction_fingerprint(*, project: Project) -> str:
 
 def _pseudonym_number(project: Project, type_: str, digest: str) -> int:
     for _ in range(10):
-        existing = Pseudonym.objects.filter(project=project, type=type_, digest=digest).values_list("number", flat=True)
+        existing = Pseudonym.objects.filter(project=project, type=type_, digest=digest).values_list(
+            "number", flat=True
+        )
         if existing:
             return existing[0]
-        number = (Pseudonym.objects.filter(project=project, type=type_).aggregate(n=Max("number"))["n"] or 0) + 1
+        number = (
+            Pseudonym.objects.filter(project=project, type=type_).aggregate(n=Max("number"))["n"] or 0
+        ) + 1
         try:
             with transaction.atomic():
                 Pseudonym.objects.create(project=project, type=type_, digest=digest, number=number)
@@ -296,9 +315,7 @@ class Redactor:
             if finding.ignored or finding.end > len(text):
                 continue
             policy = self.policy.get(finding.type, pii.KEEP)
-            new = pii.replacement_for(
-                finding.type, policy, lambda f=finding: self._number(f.type, f.digest)
-            )
+            new = pii.replacement_for(finding.type, policy, lambda f=finding: self._number(f.type, f.digest))
             if new is not None:
                 replacements.append((finding.start, finding.end, new))
                 self.replaced[finding.type] += 1
@@ -330,14 +347,23 @@ class Redactor:
         title = document.title or document.original_name
         if not self.active:
             return title
-        return self.apply(title, document.pii_findings.filter(field="title", ignored=False)) if document.title else title
+        return (
+            self.apply(title, document.pii_findings.filter(field="title", ignored=False))
+            if document.title
+            else title
+        )
 
-    def pair_fields(self, pair: InstructionPair, findings: Iterable[PiiFinding] | None = None) -> tuple[str, str, str]:
+    def pair_fields(
+        self, pair: InstructionPair, findings: Iterable[PiiFinding] | None = None
+    ) -> tuple[str, str, str]:
         fields = [pair.instruction, pair.input, pair.response]
         if not self.active:
             return fields[0], fields[1], fields[2]
         found = list(pair.pii_findings.filter(ignored=False) if findings is None else findings)
-        out = [self.apply(text, [f for f in found if f.field == name]) for text, name in zip(fields, PAIR_FIELDS)]
+        out = [
+            self.apply(text, [f for f in found if f.field == name])
+            for text, name in zip(fields, PAIR_FIELDS, strict=True)
+        ]
         return out[0], out[1], out[2]
 
 

@@ -225,7 +225,9 @@ def redundant(groups: Sequence[Sequence[int]]) -> int:
     return sum(len(g) - 1 for g in groups)
 
 
-def leakage(train: Sequence[str], eval_: Sequence[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> list[Match]:
+def leakage(
+    train: Sequence[str], eval_: Sequence[str], threshold: float = NEAR_DUPLICATE_JACCARD
+) -> list[Match]:
     """Evaluation questions the training pairs also hold, exactly or nearly: a = eval index,
     b = train index. One match per eval question (its most similar training question)."""
     exact: dict[str, int] = {}

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from . import views
+from . import privacy_views, views
 
 urlpatterns = [
     path("", views.home, name="projects-home"),
@@ -22,4 +22,13 @@ urlpatterns = [
     path("p/<slug:slug>/pairs/review/", views.pairs_review, name="projects-pairs-review"),
     path("p/<slug:slug>/pairs/<int:pk>/edit/", views.pair_edit, name="projects-pair-edit"),
     path("p/<slug:slug>/pairs/<int:pk>/delete/", views.pair_delete, name="projects-pair-delete"),
+    path("p/<slug:slug>/privacy/", privacy_views.privacy_page, name="projects-privacy"),
+    path("p/<slug:slug>/privacy/status/", privacy_views.privacy_status, name="projects-privacy-status"),
+    path("p/<slug:slug>/privacy/policy/", privacy_views.privacy_policy, name="projects-privacy-policy"),
+    path("p/<slug:slug>/privacy/scan/", privacy_views.privacy_scan, name="projects-privacy-scan"),
+    path(
+        "p/<slug:slug>/privacy/findings/<int:pk>/ignore/",
+        privacy_views.finding_ignore,
+        name="projects-finding-ignore",
+    ),
 ]

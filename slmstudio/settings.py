@@ -326,8 +326,16 @@ LOGGING = {
         }
     },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # One INFO line per recognizer each time a process loads them.
+        "presidio-analyzer": {"level": "WARNING"},
+    },
 }
+
+# The spaCy pipeline person names are found with (a package name or a folder). Empty: an
+# installed English pipeline if there is one, else names come only from each project's list.
+PII_NER_MODEL = os.environ.get("PII_NER_MODEL", "")
 
 # A worker that has not touched its row in the registry (ops.Worker) for this long is taken to be
 # gone: its queues no longer count as served. Workers touch it every BUILD_STALE_SECONDS / 2.

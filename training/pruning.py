@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 from projects.models import InstructionPair
+from projects.privacy import pairs_for_models
 from projects.services import documents_held_out_text, documents_training_text
 
 from .models import data_path
@@ -30,8 +31,8 @@ def _calibration_texts(ctx: StepContext) -> tuple[list[str], str]:
     texts = documents_training_text(project=ctx.build.project)
     if texts:
         return texts, "documents"
-    rows = ctx.build.project.pairs.usable().filter(split=InstructionPair.Split.TRAIN).order_by("pk")
-    pairs = ["\n\n".join(filter(None, row)) for row in rows.values_list("instruction", "input", "response")]
+    rows = pairs_for_models(project=ctx.build.project, split=InstructionPair.Split.TRAIN)
+    pairs = ["\n\n".join(filter(None, [p.instruction, p.input, p.response])) for p in rows]
     return pairs, "instruction pairs" if pairs else "none"
 
 
@@ -148,17 +149,9 @@ def heal_step(ctx: StepContext) -> dict:
 
     weights = _weights(ctx)
     count = _chat_counter(AutoTokenizer.from_pretrained(str(weights), local_files_only=True))
-    rows = (
-        ctx.build.project.pairs.usable()
-        .order_by("pk")
-        .values_list("instruction", "input", "response", "split")
-    )
-    train_pairs = [
-        ("\n\n".join(filter(None, [i, x])), r) for i, x, r, s in rows if s != InstructionPair.Split.EVAL
-    ]
-    held_pairs = [
-        ("\n\n".join(filter(None, [i, x])), r) for i, x, r, s in rows if s == InstructionPair.Split.EVAL
-    ]
+    rows = pairs_for_models(project=ctx.build.project)
+    train_pairs = [(p.question, p.response) for p in rows if p.split != InstructionPair.Split.EVAL]
+    held_pairs = [(p.question, p.response) for p in rows if p.split == InstructionPair.Split.EVAL]
     windows = _text_windows(documents_training_text(project=ctx.build.project))
     random.Random(f"heal:{ctx.build.pk}").shuffle(windows)
     held_text = windows[: len(windows) // 10]

@@ -62,7 +62,11 @@ def _documents_section(project: Project) -> tuple[dict[str, Any], list[Document]
         pages_total += len(units)
         near_empty_total += len(empty)
         name = document.title or document.original_name
-        if units and len(empty) / len(units) >= quality.EMPTY_PAGES_SHARE and (document.page_count or not text.strip()):
+        if (
+            units
+            and len(empty) / len(units) >= quality.EMPTY_PAGES_SHARE
+            and (document.page_count or not text.strip())
+        ):
             mostly_empty.append({"id": document.pk, "name": name, "empty": len(empty), "of": len(units)})
         bad = quality.garbled_chars(text)
         seen = quality.visible_chars(text)
@@ -98,8 +102,11 @@ def _documents_section(project: Project) -> tuple[dict[str, Any], list[Document]
             "redundant": quality.redundant(groups),
             "examples": [
                 [
-                    {"document": raw_passages[i][0].pk, "name": raw_passages[i][0].title or raw_passages[i][0].original_name,
-                     "text": raw_passages[i][1][:160]}
+                    {
+                        "document": raw_passages[i][0].pk,
+                        "name": raw_passages[i][0].title or raw_passages[i][0].original_name,
+                        "text": raw_passages[i][1][:160],
+                    }
                     for i in group[:5]
                 ]
                 for group in groups[:EXAMPLES]
@@ -165,7 +172,8 @@ def _pairs_section(project: Project, documents: list[Document]) -> dict[str, Any
     scores, topics = _support(project, documents, pairs)
     scored = [s for s in scores if s is not None]
     unsupported = sorted(
-        (i for i, s in enumerate(scores) if s is not None and s < quality.SUPPORT_THRESHOLD), key=lambda i: scores[i]
+        (i for i, s in enumerate(scores) if s is not None and s < quality.SUPPORT_THRESHOLD),
+        key=lambda i: scores[i],
     )
     return {
         "count": len(pairs),
@@ -192,8 +200,12 @@ def _pairs_section(project: Project, documents: list[Document]) -> dict[str, Any
         "leakage": {
             "count": len(leaks),
             "examples": [
-                {"eval": eval_[m.a].pk, "train": train[m.b].pk, "similarity": m.similarity,
-                 "question": _preview(eval_[m.a].question)}
+                {
+                    "eval": eval_[m.a].pk,
+                    "train": train[m.b].pk,
+                    "similarity": m.similarity,
+                    "question": _preview(eval_[m.a].question),
+                }
                 for m in leaks[:EXAMPLES]
             ],
         },  # fmt: skip
@@ -239,7 +251,7 @@ def report_refresh(*, project_id: int, force: bool = False) -> DataReport | None
 
 
 def report_request(*, project: Project) -> None:
-    """"Recompute" pressed: mark the report out of date now and send the task once committed."""
+    """ "Recompute" pressed: mark the report out of date now and send the task once committed."""
     from projects.services import data_changed
 
     data_changed(project=project)

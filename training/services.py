@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from ops import queues
 from projects.models import Project
+from projects.privacy import redaction_check
 from slmstudio.lib.workers import worker_id, worker_is_dead
 from slmstudio.logs import log_context
 
@@ -72,6 +73,9 @@ def build_start(
         problems = recipe_problems(project, plan)
         if problems:
             raise ValidationError(" ".join(problems))
+        if plan.produces_model:
+            # What is known now; the parse step checks again after scanning what is new.
+            redaction_check(project=project, scan=False)
         recipe, steps = plan.recipe, plan.steps
     step_list = [s | {"params": s.get("params", {}) | (params or {}).get(s["name"], {})} for s in steps]
     unknown = [s["name"] for s in step_list if s["name"] not in STEP_RUNNERS]
@@ -766,3 +770,101 @@ def _build_requeue(build: Build) -> bool:
 
 def _abandon_running_steps(build: Build, status: str) -> None:
     BuildStep.objects.filter(build=build, status=BuildStep.Status.RUNNING).update(status=status)
+
+
+# --- Keeping a version current ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionChanges:
+    """What changed in the project's documents since a version's index was built."""
+
+    known: bool  # False: the version has no record of its sources (no index, or built before)
+    added: list[str]  # document names
+    removed: list[str]
+    changed: list[str]  # same name, different content
+    policy_changed: bool  # the redaction policy or name list changed, so the indexed text would
+
+    @property
+    def documents(self) -> int:
+        return len(self.added) + len(self.removed) + len(self.changed)
+
+    @property
+    def any(self) -> bool:
+        return self.documents > 0 or self.policy_changed
+
+    def as_dict(self) -> dict:
+        return {
+            "known": self.known,
+            "documents_changed": self.documents,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+            "policy_changed": self.policy_changed,
+        }
+
+
+def version_sources(version: ModelVersion) -> dict | None:
+    """What the version's index was built from (the rag step's sources.json), or None."""
+    import json
+
+    index = version.index_path
+    if index is None:
+        return None
+    try:
+        return json.loads((index / "sources.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def version_changes(*, version: ModelVersion) -> VersionChanges:
+    """Documents added, removed and changed since `version` was built, and whether the redaction
+    policy changed. A document counts as changed when a readable document of the same name now
+    has other content (an upload of a new file under the same name); one that only moved from
+    one name to another counts as removed and added. (An upload never replaces a document: new
+    content under an indexed name counts as changed whether or not the old file was deleted.)"""
+    from projects.models import Document
+    from projects.privacy import redaction_fingerprint
+
+    sources = version_sources(version)
+    if sources is None:
+        return VersionChanges(known=False, added=[], removed=[], changed=[], policy_changed=False)
+    then = {d["sha256"]: d["name"] for d in sources.get("documents", [])}
+    # Uploads still waiting to be read count: the refresh build reads them first.
+    now = dict(
+        version.project.documents.exclude(status=Document.Status.FAILED).values_list(
+            "sha256", "original_name"
+        )
+    )
+    gone = {sha: name for sha, name in then.items() if sha not in now}
+    new = {sha: name for sha, name in now.items() if sha not in then}
+    then_names, now_names = set(then.values()), set(now.values())
+    return VersionChanges(
+        known=True,
+        added=sorted({name for name in new.values() if name not in then_names}),
+        removed=sorted({name for name in gone.values() if name not in now_names}),
+        changed=sorted({name for name in new.values() if name in then_names}),
+        policy_changed=sources.get("redaction") != redaction_fingerprint(project=version.project),
+    )
+
+
+def version_refresh(*, version: ModelVersion, user: AbstractBaseUser | None) -> Build:
+    """Build the version again from the project's current documents: the same recipe, base model
+    and step settings as the build that made it. Unchanged passages come from the embedding
+    cache, and the evaluate step carries over the numbers whose inputs did not change."""
+    build = version.build
+    params: dict[str, dict] = {}
+    if build is not None:
+        steps = list(build.steps.order_by("index"))
+        names = [s.name for s in steps]
+        # A step that occurs more than once (quantize, one per type) takes its settings from
+        # the recipe itself; build_start would give every one of them the same settings.
+        params = {s.name: dict(s.params) for s in steps if names.count(s.name) == 1}
+    params["evaluate"] = params.get("evaluate", {}) | {"refresh_of": version.pk}
+    return build_start(
+        project=version.project,
+        user=user,
+        recipe=build.recipe if build is not None else version.recipe,
+        base=build.base if build is not None else version.base,
+        params=params,
+    )

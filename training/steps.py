@@ -19,7 +19,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from projects.models import Document, InstructionPair
-from projects.privacy import Redactor, document_for_models
+from projects.privacy import RedactionRequired, Redactor, document_for_models, project_scan, redaction_check
 from projects.services import document_parse, documents_reset_stale
 
 from .models import Build, BuildLog, BuildStep, data_path, stored_path
@@ -201,6 +201,20 @@ def parse_step(ctx: StepContext) -> dict:
         ctx.check_cancel()
         time.sleep(0.5)
         parse_waiting()
+    # Every text a later step reads is scanned for personal data first, so the redaction policy
+    # covers it; a project that requires redaction stops here while a finding is kept.
+    scan = project_scan(
+        project=project, progress=lambda done, total: ctx.progress(done, total, "Looking for personal data")
+    )
+    if scan.documents or scan.pairs:
+        ctx.log(
+            f"Scanned {scan.documents} documents and {scan.pairs} pairs for personal data: {scan.findings} findings."
+        )
+    if any(step.name not in ("parse", "validate") for step in ctx.build.steps.all()):
+        try:
+            redaction_check(project=project, scan=False)
+        except RedactionRequired as exc:
+            raise StepError(exc.messages[0]) from None
     parsed = project.documents.filter(status=Document.Status.PARSED)
     metrics = {
         "documents": project.documents.count(),
@@ -243,7 +257,9 @@ def validate_step(ctx: StepContext) -> dict:
 @register("rag", "Index documents for retrieval")
 def rag_step(ctx: StepContext) -> dict:
     """Split every readable document into passages and index them for hybrid retrieval."""
-    from .embedding import shared_embedder
+    from projects.privacy import redaction_fingerprint
+
+    from .embedding import project_embedding_cache, shared_embedder
     from .ml import rag
 
     project = ctx.build.project
@@ -259,14 +275,18 @@ def rag_step(ctx: StepContext) -> dict:
             "text or CSV), then build again."
         )
     chunks: list[rag.Chunk] = []
-    # The index holds the text as the project's redaction policy leaves it.
+    # The index holds the text as the project's redaction policy leaves it; what it was built
+    # from is kept inside it (sources.json), so a version can tell what changed since.
+    fingerprint = redaction_fingerprint(project=project)
     redactor = Redactor(project)
+    indexed: list[dict] = []
     for i, document in enumerate(documents, start=1):
         ctx.check_cancel()
         parsed = document_for_models(document=document, redactor=redactor)
         if parsed is None:
             ctx.log(f"{document.original_name}: its extracted text is missing; skipped.", level="warning")
             continue
+        indexed.append({"id": document.pk, "sha256": document.sha256, "name": document.original_name})
         title = parsed.title or document.original_name
         chunks += rag.chunk_document(document.pk, title, parsed.sections, config)
         ctx.progress(i, len(documents), f"{i} of {len(documents)} documents split into passages")
@@ -275,6 +295,7 @@ def rag_step(ctx: StepContext) -> dict:
     )
     ctx.progress(0, len(chunks), "Loading the embedding model", force=True)
     embedder = shared_embedder()
+    cache = project_embedding_cache(project)
     out = ctx.workdir / "index"
     if out.exists():  # left by an attempt whose worker was lost; nothing refers to it
         shutil.rmtree(out)
@@ -286,11 +307,17 @@ def rag_step(ctx: StepContext) -> dict:
             config=config,
             progress=lambda done, total: ctx.progress(done, total, f"{done} of {total} passages embedded"),
             should_stop=ctx.cancel_requested,
+            cache=cache,
+            sources={"documents": indexed, "redaction": fingerprint},
         )
     except rag.IndexBuildStopped:
         raise BuildCancelled from None
     ctx.output("index_dir", out)
     ctx.progress(stats.chunks, stats.chunks, f"{stats.chunks} passages indexed", force=True)
+    if stats.reused:
+        ctx.log(
+            f"{stats.reused} of {stats.chunks} passages were unchanged: their vectors came from the cache."
+        )
     return {
         "documents": stats.documents,
         "chunks": stats.chunks,
@@ -299,6 +326,10 @@ def rag_step(ctx: StepContext) -> dict:
         "chunks_per_second": round(stats.chunks / stats.seconds, 1) if stats.seconds else None,
         "chunk_chars": config.chunk_chars,
         "overlap_chars": config.overlap_chars,
+        # Passages whose vectors came from the project's embedding cache, and passages embedded.
+        "reused": stats.reused,
+        "embedded": stats.embedded,
+        "redaction": fingerprint,
     }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from projects.models import InstructionPair
+from projects.privacy import pairs_for_models
 
 from .models import BuildStep
 from .steps import BuildCancelled, StepContext, StepError, register
@@ -26,15 +27,11 @@ HISTORY_WRITE_SECONDS = 2.0
 
 
 def _pairs(ctx: StepContext) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    rows = (
-        ctx.build.project.pairs.usable()
-        .order_by("pk")
-        .values_list("instruction", "input", "response", "split")
-    )
     train, held = [], []
-    for instruction, input_, response, split in rows:
-        question = "\n\n".join(filter(None, [instruction, input_]))
-        (held if split == InstructionPair.Split.EVAL else train).append((question, response))
+    # Redacted by the project's policy: training (and a teacher asked these questions) sees what
+    # the policy lets out.
+    for pair in pairs_for_models(project=ctx.build.project):
+        (held if pair.split == InstructionPair.Split.EVAL else train).append((pair.question, pair.response))
     if not train:
         raise StepError(
             "Fine-tuning needs instruction pairs: import some on the Instruction pairs tab, then build again."

@@ -96,7 +96,7 @@ def build_new(request: AuthenticatedRequest, slug: str) -> HttpResponse:
             params=services.step_settings(settings),
         )
     except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
+        messages.error(request, _refusal(exc, project))
         return redirect("training-builds", slug=project.slug)
     if estimates:
         Build.objects.filter(pk=build.pk).update(estimates=estimates)
@@ -266,7 +266,7 @@ def recipe_build(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRespo
             params=services.step_settings(saved.settings),
         )
     except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
+        messages.error(request, _refusal(exc, project))
         return redirect("training-builds", slug=project.slug)
     return redirect(build)
 
@@ -279,3 +279,18 @@ def recipe_delete(request: AuthenticatedRequest, slug: str, pk: int) -> HttpResp
     project = project_or_404(request, slug)
     get_object_or_404(SavedRecipe, pk=pk, project=project).delete()
     return redirect("training-builds", slug=project.slug)
+
+
+def _refusal(exc: ValidationError, project) -> str:  # type: ignore[no-untyped-def]
+    """Why a build did not start; a redaction refusal links to the findings."""
+    from django.urls import reverse
+    from django.utils.html import format_html
+
+    from projects.privacy import RedactionRequired
+
+    text = " ".join(exc.messages)
+    if isinstance(exc, RedactionRequired):
+        return format_html(
+            '{} <a href="{}">See the findings</a>.', text, reverse("projects-privacy", args=[project.slug])
+        )
+    return text

@@ -237,7 +237,11 @@ def recommend_for(project: Project, answers: dict[str, Any]) -> dict[str, Any]:
     rec = recommend(situation)
     rec.why = data_notes + rec.why
     support = (report.data.get("pairs") or {}).get("support") or {} if report is not None else {}
-    if "raft" in rec.recipe and support.get("scored") and support.get("unsupported", 0) / support["scored"] >= 0.3:
+    if (
+        "raft" in rec.recipe
+        and support.get("scored")
+        and support.get("unsupported", 0) / support["scored"] >= 0.3
+    ):
         rec.why.append(
             f"{support['unsupported']} of {support['scored']} answers are not found in your documents: RAFT "
             "trains on your answers with passages, so add the documents they come from for the best result."

@@ -20,7 +20,9 @@ class Command(JsonCommand):
 
     def add_arguments(self, parser):  # type: ignore[no-untyped-def]
         parser.add_argument("project", help="project slug or id")
-        parser.add_argument("--cached", action="store_true", help="print the stored report instead of computing")
+        parser.add_argument(
+            "--cached", action="store_true", help="print the stored report instead of computing"
+        )
 
     def handle(self, *args, project: str, cached: bool, **options) -> None:  # type: ignore[no-untyped-def]
         target = Project.objects.filter(slug=project).first()
