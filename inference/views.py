@@ -7,6 +7,7 @@ from pathlib import Path
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -16,6 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from projects.http import project_context, project_or_404
 from projects.models import Project
 from slmstudio.http import AuthenticatedRequest, client_gone, event_stream_response, stream_slot
+from training import services as training_services
 from training.models import ModelVersion
 
 from . import cards, comparison, services
@@ -96,8 +98,22 @@ def model_detail(request: AuthenticatedRequest, slug: str, number: int) -> HttpR
         "filename": cards.gguf_filename(version),
         "commands": cards.llama_cpp_commands(version),
         "api_base": request.build_absolute_uri("/v1"),
+        "changes": training_services.version_changes(version=version),
     }
     return render(request, "inference/model_detail.html", context)
+
+
+@login_required
+@require_POST
+def refresh(request: AuthenticatedRequest, slug: str, number: int) -> HttpResponse:
+    """Build the version again from the current documents; show that build."""
+    _, version = _version_for_user(request, slug, number)
+    try:
+        build = training_services.version_refresh(version=version, user=request.user)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("inference-model-detail", slug, number)
+    return redirect(build)
 
 
 @login_required

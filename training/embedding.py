@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from .ml.bundled import bundled_embedding_dir
 from .ml.rag import SentenceTransformerEmbedder
+
+if TYPE_CHECKING:
+    from projects.models import Project
+
+    from .ml.embcache import EmbeddingCache
 
 _lock = threading.Lock()
 _embedder: SentenceTransformerEmbedder | None = None
@@ -28,3 +34,13 @@ def shared_embedder() -> SentenceTransformerEmbedder:
                 precision=settings.EMBEDDING_PRECISION,
             )
         return _embedder
+
+
+def project_embedding_cache(project: Project) -> EmbeddingCache:
+    """The project's cache of passage vectors for the shared embedder (training.ml.embcache).
+
+    Under the project's own folder, so deleting a project deletes its vectors; the RAG step and
+    the data report embed through it, so text embedded once is not embedded again."""
+    from .ml.embcache import EmbeddingCache
+
+    return EmbeddingCache(project.data_dir / "embeddings", shared_embedder())
