@@ -45,7 +45,9 @@ def test_a_corrupt_or_foreign_shard_is_ignored(tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path, embedder)
     cache.embed(["one", "two"])
     (cache.folder / "broken.npz").write_bytes(b"PK\x03\x04 cut short")
-    np.savez(cache.folder / "foreign.npz", keys=np.zeros((1, 32), np.uint8), vectors=np.zeros((1, 3), np.float32))
+    np.savez(
+        cache.folder / "foreign.npz", keys=np.zeros((1, 32), np.uint8), vectors=np.zeros((1, 3), np.float32)
+    )
     again = EmbeddingCache(tmp_path, embedder)
     again.embed(["one", "two", "three"])
     assert embedder.batches[-1] == ["three"]
@@ -88,9 +90,13 @@ def test_build_index_embeds_only_what_the_cache_lacks(tmp_path: Path) -> None:
     embedder.batches.clear()
     changed = rag.chunk_document(1, "Doc 1", [section(prose(300, seed=99), ["Doc"])])
     second_chunks = [c for c in chunks if c.document_id != 1] + changed
-    second = rag.build_index(second_chunks, tmp_path / "b", embedder, cache=EmbeddingCache(tmp_path / "cache", embedder))
+    second = rag.build_index(
+        second_chunks, tmp_path / "b", embedder, cache=EmbeddingCache(tmp_path / "cache", embedder)
+    )
     assert (second.reused, second.embedded) == (len(second_chunks) - len(changed), len(changed))
-    assert sorted(t for batch in embedder.batches for t in batch) == sorted(c.embedding_text() for c in changed)
+    assert sorted(t for batch in embedder.batches for t in batch) == sorted(
+        c.embedding_text() for c in changed
+    )
     with rag.HybridIndex.open(tmp_path / "b", embedder) as index:  # cached vectors are searchable
         hit = index.search(changed[0].embedding_text(), k=1, mode="dense")[0]
         assert hit.chunk.id == changed[0].id

@@ -18,7 +18,8 @@ from training.services import build_run, build_start, version_changes
 pytestmark = pytest.mark.django_db
 
 TEXTS = {
-    "pump.md": "# Pump manual\n\n" + "Hold the red RESET button for five seconds to reset the P-200 pump. " * 30,
+    "pump.md": "# Pump manual\n\n"
+    + "Hold the red RESET button for five seconds to reset the P-200 pump. " * 30,
     "vacation.md": "# Vacation policy\n\n" + "Employees get 25 days of paid vacation per year. " * 30,
     "kitchen.md": "# Office kitchen\n\n" + "The coffee machine is descaled every Friday morning. " * 30,
 }
@@ -103,7 +104,9 @@ def test_the_version_page_shows_the_changes_and_refresh_starts_the_same_recipe(
     assert "changed since this version was built" not in page.content.decode()
 
     _replace_pump(project, documents)
-    page = owner_client.get(reverse("inference-model-detail", args=[project.slug, version.number])).content.decode()
+    page = owner_client.get(
+        reverse("inference-model-detail", args=[project.slug, version.number])
+    ).content.decode()
     assert "1 document changed since this version was built" in page
     assert "Changed: pump.md." in page
     refresh_url = reverse("inference-refresh", args=[project.slug, version.number])

@@ -130,7 +130,9 @@ class EmbeddingCache:
         """Store `vectors` (one row per text) as one new shard."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(texts), self.dimensions):
-            raise ValueError(f"Expected vectors of shape {(len(texts), self.dimensions)}, got {vectors.shape}.")
+            raise ValueError(
+                f"Expected vectors of shape {(len(texts), self.dimensions)}, got {vectors.shape}."
+            )
         if not texts:
             return
         keys = [text_key(text) for text in texts]
@@ -144,9 +146,7 @@ class EmbeddingCache:
         if len(self._shards()) > COMPACT_AFTER:
             self.compact()
 
-    def embed_missing(
-        self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]
-    ) -> np.ndarray:
+    def embed_missing(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
         """Vectors for all `texts`; `compute(missing_texts)` embeds those the cache lacks."""
         out, missing = self.lookup(texts)
         if missing:
@@ -173,10 +173,7 @@ class EmbeddingCache:
             return None
         target = _write_shard(self.folder, list(merged), np.stack(list(merged.values())))
         for shard in shards:
-            try:
-                shard.unlink()
-            except FileNotFoundError:  # another process compacted it first
-                pass
+            shard.unlink(missing_ok=True)  # another process may have compacted it first
         return target
 
 

@@ -43,10 +43,10 @@ import numpy as np
 
 if TYPE_CHECKING:
     import bm25s
-
-    from .embcache import EmbeddingCache
     from chromadb.api import ClientAPI
     from chromadb.api.models.Collection import Collection
+
+    from .embcache import EmbeddingCache
 
 __all__ = [
     "DEFAULT_CHUNK_CONFIG",
@@ -562,7 +562,9 @@ def build_index(
         reused, embedded = _write_vectors(work / "chroma", chunks, embedder, progress, should_stop, cache)
         _write_bm25(work / "bm25", chunks)
         if sources is not None:
-            (work / "sources.json").write_text(json.dumps(sources, ensure_ascii=False) + "\n", encoding="utf-8")
+            (work / "sources.json").write_text(
+                json.dumps(sources, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         stats = IndexStats(
             documents=len({chunk.document_id for chunk in chunks}),
             chunks=len(chunks),
@@ -643,7 +645,10 @@ def _write_vectors(
             if cache is not None:
                 vectors, missing = cache.lookup(texts)
             else:
-                vectors, missing = np.empty((len(part), embedder.dimensions), dtype=np.float32), list(range(len(part)))
+                vectors, missing = (
+                    np.empty((len(part), embedder.dimensions), dtype=np.float32),
+                    list(range(len(part))),
+                )
             reused += len(part) - len(missing)
             done += len(part) - len(missing)
             todo = [texts[i] for i in missing]
