@@ -8,7 +8,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from inference.models import Conversation, Message
-from projects.models import Membership
+from projects.models import Membership, PiiFinding
 from projects.services import document_add, membership_invite, pair_create, project_create
 from tests.conftest import client_for
 from training.models import GenerationRun, ModelVersion, SavedRecipe, Teacher, WizardState
@@ -52,6 +52,9 @@ def everything(project, owner, tmp_path):  # type: ignore[no-untyped-def]
     )
     run = GenerationRun.objects.create(project=project, teacher=teacher)
     recipe = SavedRecipe.objects.create(project=project, name="R", recipe="quantize:q8_0")
+    finding = PiiFinding.objects.create(
+        project=project, pair=pair, field="response", start=0, end=1, type="PERSON", detector="t", digest="d"
+    )
     ids = {
         "projects-document": doc.pk, "projects-document-row": doc.pk, "projects-document-delete": doc.pk,
         "projects-pair-edit": pair.pk, "projects-pair-delete": pair.pk,
@@ -60,6 +63,7 @@ def everything(project, owner, tmp_path):  # type: ignore[no-untyped-def]
         "number": version.number, "conversation": conversation.pk, "message": question.pk,
         "training-teacher-check": teacher.pk, "training-teacher-remove": teacher.pk,
         "training-generation-status": run.pk, "training-generation-cancel": run.pk,
+        "projects-finding-ignore": finding.pk,
         "training-recipe-export": recipe.pk, "training-recipe-build": recipe.pk, "training-recipe-delete": recipe.pk,
     }  # fmt: skip
     return ids
@@ -83,6 +87,7 @@ def test_an_outsider_gets_404_on_every_project_url(project, outsider_client, eve
     assert project.builds.get().status == "queued"
     assert project.teachers.count() == 1 and project.generation_runs.get().status == "queued"
     assert project.recipes.count() == 1
+    assert not project.pii_findings.filter(ignored=True).exists()
     assert not WizardState.objects.filter(project=project).exclude(answers={}).exists()
 
 
