@@ -45,7 +45,7 @@ def test_the_changed_banner_and_refresh(live_server, page, owner, project):  # t
         page.screenshot(path=os.path.join(SHOTS, "version-changed.png"), full_page=False)
     page.set_default_timeout(120_000)  # the refresh build runs inside the request here (eager Celery)
     banner.get_by_role("button", name="Refresh").click()
-    page.wait_for_url(f"**/builds/*/")
+    page.wait_for_url("**/builds/*/")
     refresh = Build.objects.exclude(pk=build.pk).get()
     assert page.url.endswith(refresh.get_absolute_url())
     assert refresh.steps.get(name="evaluate").params["refresh_of"] == version.pk
