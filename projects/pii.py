@@ -41,8 +41,8 @@ TYPES: dict[str, str] = {
 KEEP, MASK, PSEUDONYM = "keep", "mask", "pseudonym"
 POLICIES: dict[str, str] = {
     KEEP: "Keep as is",
-    MASK: "Mask, e.g. [EMAIL]",
-    PSEUDONYM: "Consistent pseudonym, e.g. [EMAIL_3]",
+    MASK: "Mask",
+    PSEUDONYM: "Pseudonym",
 }
 # What a new project does. Things with no use in an answer (card numbers, bank accounts, SSNs,
 # credentials, keys) are masked; contact details and names are kept, because in most domain
