@@ -205,6 +205,7 @@ def document_detail(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRe
     context = project_context(request, project, "documents") | {
         "doc": document,
         "parsed": services.document_parsed(document=document),
+        "findings": document.pii_findings.filter(ignored=False).count() if document.pii_scanned_at else None,
     }
     return render(request, "projects/document_detail.html", context)
 

@@ -252,6 +252,10 @@ def test_the_privacy_page_shows_findings_in_context_and_saves_the_policy(
     )
     manuals.refresh_from_db()
     assert manuals.require_redaction and pii.policy_with_defaults(manuals.redaction)["EMAIL"] == "mask"
+    # The document's page links to its findings.
+    p100 = manuals.documents.get(original_name="p100.md")
+    detail = owner_client.get(reverse("projects-document", args=[manuals.slug, p100.pk])).content.decode()
+    assert f"?document={p100.pk}#findings" in detail
     filtered = owner_client.get(url + "?type=EMAIL").content.decode()
     assert (
         "<mark>dana.whitfield@example.com</mark>" in filtered
