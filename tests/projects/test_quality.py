@@ -35,7 +35,11 @@ def test_near_duplicates_found_and_distinct_texts_not():
 
 def test_leakage_between_eval_and_train_questions():
     train = ["How do I reset the P-200 pump?", "What does error E-4021 mean?", "Who approves vacation?"]
-    eval_ = ["How do I reset the P-200 pump ?", "When is the fridge emptied?", "What does error E-4021 mean on the pump?"]
+    eval_ = [
+        "How do I reset the P-200 pump ?",
+        "When is the fridge emptied?",
+        "What does error E-4021 mean on the pump?",
+    ]
     leaks = quality.leakage(train, eval_)
     assert [(m.a, m.b) for m in leaks] == [(0, 0)]
     assert leaks[0].similarity == 1.0
@@ -44,7 +48,10 @@ def test_leakage_between_eval_and_train_questions():
 
 def test_language_and_distribution():
     assert quality.language(PUMP)[0] == "en"
-    assert quality.language("Pour réinitialiser la pompe, maintenez le bouton rouge pendant cinq secondes.")[0] == "fr"
+    assert (
+        quality.language("Pour réinitialiser la pompe, maintenez le bouton rouge pendant cinq secondes.")[0]
+        == "fr"
+    )
     assert quality.language("42") == (None, 0.0)
     d = quality.distribution([1, 2, 3, 4, 100])
     assert (d["count"], d["min"], d["median"], d["max"], d["p90"]) == (5, 1, 3, 100, 100)
@@ -65,7 +72,9 @@ def _report(train: int, eval_: int = 5, **pairs) -> dict:
 def test_advice_thresholds():
     few = quality.advice(_report(40))
     assert [a["code"] for a in few] == ["few_pairs"]
-    assert few[0]["level"] == "warning" and few[0]["text"].startswith("Only 40 training pairs: LoRA will overfit")
+    assert few[0]["level"] == "warning" and few[0]["text"].startswith(
+        "Only 40 training pairs: LoRA will overfit"
+    )
     assert quality.advice(_report(quality.PAIRS_FOR_TRAINING)) == []
     codes = quality.advice_codes({"advice": quality.advice(_report(
         200, 0, leakage={"count": 3}, duplicates=15, near_duplicates=10,
