@@ -66,8 +66,22 @@ OTHER_KEYS = (
 # file and the held-out document text (perplexity and KL divergence). A refresh carries them over
 # from the version it refreshes when those inputs are the same; answer quality depends on the
 # index and is always measured again.
-FILE_KEYS = ("tokens_per_second", "prompt_tokens_per_second", "peak_memory_bytes", "size_bytes", "bits_per_weight")
-TEXT_KEYS = ("perplexity", "bits_per_byte", "kl_divergence", "top1_agreement", "eval_tokens", "eval_bytes", "held_out")
+FILE_KEYS = (
+    "tokens_per_second",
+    "prompt_tokens_per_second",
+    "peak_memory_bytes",
+    "size_bytes",
+    "bits_per_weight",
+)
+TEXT_KEYS = (
+    "perplexity",
+    "bits_per_byte",
+    "kl_divergence",
+    "top1_agreement",
+    "eval_tokens",
+    "eval_bytes",
+    "held_out",
+)
 
 
 def gguf_identity(gguf: Path, parent: Path | None = None) -> str:
@@ -106,7 +120,12 @@ def evaluate_model(
     held = documents_held_out_text(project=project)
     held_sha = hashlib.sha256(held.text.encode()).hexdigest()[:16]
     score = None
-    if same_file and held.text.strip() and earlier.get("eval_text_sha256") == held_sha and earlier.get("perplexity") is not None:
+    if (
+        same_file
+        and held.text.strip()
+        and earlier.get("eval_text_sha256") == held_sha
+        and earlier.get("perplexity") is not None
+    ):
         metrics |= {key: earlier.get(key) for key in TEXT_KEYS} | {"eval_text_sha256": held_sha}
         carried += [key for key in TEXT_KEYS if earlier.get(key) is not None]
     elif held.text.strip():

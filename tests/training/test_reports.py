@@ -33,7 +33,9 @@ GARBLED = "# Scan\n\n" + "(cid:12)(cid:34) \ufffd\ufffd pump (cid:56)(cid:78) re
 
 
 def _doc(project, name: str, text: str) -> None:
-    added = document_add(project=project, stream=SimpleUploadedFile(name, text.encode()), name=name, size=None)
+    added = document_add(
+        project=project, stream=SimpleUploadedFile(name, text.encode()), name=name, size=None
+    )
     document_parse(document_id=added.document.pk)
 
 
@@ -49,8 +51,15 @@ def data_project(project):  # type: ignore[no-untyped-def]
     _doc(project, "vacation.md", VACATION)
     _doc(project, "scan.md", GARBLED)
     train, ev = InstructionPair.Split.TRAIN, InstructionPair.Split.EVAL
-    _pair(project, "How do I reset the P-200 pump?", "Hold the red RESET button for five seconds until the LED blinks green.", train)
-    _pair(project, "What does E-4021 mean?", "The inlet pressure is too low: open the inlet valve fully.", train)
+    _pair(
+        project,
+        "How do I reset the P-200 pump?",
+        "Hold the red RESET button for five seconds until the LED blinks green.",
+        train,
+    )
+    _pair(
+        project, "What does E-4021 mean?", "The inlet pressure is too low: open the inlet valve fully.", train
+    )
     _pair(project, "How many vacation days do I get?", "You get 25 days of paid vacation per year.", train)
     _pair(project, "Who founded the company?", "It was founded in 1987 in Rotterdam by two brothers.", train)
     _pair(project, "How do I reset the P-200 pump ?", "Press and hold RESET for five seconds.", ev)  # leaks
