@@ -60,6 +60,7 @@ OTHER_KEYS = (
     "eval_text_sha256",  # which text the perplexity is over: equal hashes, comparable numbers
     "gguf_identity",  # which file was measured (path, size, mtime): equal identities, same weights
     "carried_over",  # {"from_version": N, "keys": [...]}: numbers taken from an earlier version
+    "measured_on",  # the machine speed and memory were measured on (host, cores, CPU)
 )
 
 # Numbers that depend only on the GGUF file (speed, memory, size), and those that depend on the
@@ -181,7 +182,13 @@ def evaluate_model(
             "eval_pairs": len(pairs),
         }
 
-    if same_file and earlier.get("tokens_per_second") is not None:
+    # Speed and memory also depend on the machine: carried over only when measured on this one.
+    metrics["measured_on"] = _machine_identity()
+    if (
+        same_file
+        and earlier.get("tokens_per_second") is not None
+        and earlier.get("measured_on") == metrics["measured_on"]
+    ):
         metrics |= {key: earlier.get(key) for key in FILE_KEYS}
         carried += list(FILE_KEYS)
     else:
@@ -303,3 +310,16 @@ def version_evaluate(*, version: ModelVersion) -> dict:
     version.metrics = version.metrics | {"evaluate": metrics}
     version.save(update_fields=["metrics"])
     return metrics
+
+
+def _machine_identity() -> str:
+    import os
+    import platform
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{platform.node()}|{os.cpu_count()}|{cpu or platform.machine()}"

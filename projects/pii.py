@@ -79,6 +79,9 @@ _PRIORITY = [
 # in technical text are mostly ports, sizes and ids.
 MIN_SCORE = 0.3
 
+# Characters per call of the NER model.
+NER_WINDOW = 100_000
+
 # Phone numbers are matched for these regions as well as in international (+…) form.
 PHONE_REGIONS = ("US", "GB", "DE", "FR", "NL", "ES", "IT", "CA", "AU", "IN", "BR")
 
@@ -120,7 +123,7 @@ def digest(salt: str, type_: str, text: str) -> str:
     return hmac.new(salt.encode(), f"{type_}\0{normalise(type_, text)}".encode(), hashlib.sha256).hexdigest()
 
 
-def placeholder(type_: str, number: int | None = None) -> str:
+def placeholder(type_: str, number: int | str | None = None) -> str:
     return f"[{type_}]" if number is None else f"[{type_}_{number}]"
 
 
@@ -424,14 +427,35 @@ class Detector:
                 for m in self._names.finditer(text)
             ]
         if self.ner_model:
+            spans += self._ner_spans(text)
+        return resolve_overlaps(spans)
+
+    def _ner_spans(self, text: str) -> list[Span]:
+        """Person names from the NER model, over windows (spaCy refuses texts past its
+        max_length, 1M characters, and needs memory per character), cut at a line break."""
+        spans: list[Span] = []
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + NER_WINDOW)
+            if end < len(text):
+                cut = text.rfind("\n", start + NER_WINDOW // 2, end)
+                end = cut if cut > start else end
             with _ner_lock:  # a spaCy pipeline is not safe to call from two threads at once
-                doc = _ner(self.ner_model)(text)
+                doc = _ner(self.ner_model)(text[start:end])
             spans += [
-                Span("PERSON", e.start_char, e.end_char, e.text, f"spaCy: {self.ner_model}", 0.85)
+                Span(
+                    "PERSON",
+                    start + e.start_char,
+                    start + e.end_char,
+                    e.text,
+                    f"spaCy: {self.ner_model}",
+                    0.85,
+                )
                 for e in doc.ents
                 if e.label_ == "PERSON" and len(e.text.strip()) > 1
             ]
-        return resolve_overlaps(spans)
+            start = end
+        return spans
 
 
 def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
@@ -447,7 +471,7 @@ def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
     return sorted(chosen, key=lambda s: s.start)
 
 
-def replacement_for(type_: str, policy: str, number: Callable[[], int]) -> str | None:
+def replacement_for(type_: str, policy: str, number: Callable[[], int | str]) -> str | None:
     """What a finding becomes under `policy`: None to keep it; `number` is asked only for a
     pseudonym (it may write to a database)."""
     if policy == MASK:

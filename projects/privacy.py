@@ -73,11 +73,19 @@ def _finding_rows(project: Project, spans: Iterable[pii.Span], **where: object) 
     ]
 
 
-def _keep_ignored(project: Project, rows: list[PiiFinding], old: QuerySet[PiiFinding]) -> None:
-    """A rescan keeps "not personal data" marks on the same value at the same place."""
-    ignored = set(old.filter(ignored=True).values_list("section", "field", "start", "digest"))
+def _keep_ignored(project: Project, rows: list[PiiFinding]) -> None:
+    """A value marked "not personal data" stays so wherever it turns up again: in a rescan, an
+    edited pair, a new document."""
+    digests = {row.digest for row in rows}
+    if not digests:
+        return
+    ignored = set(
+        PiiFinding.objects.filter(project=project, ignored=True, digest__in=digests).values_list(
+            "type", "digest"
+        )
+    )
     for row in rows:
-        if (row.section, row.field, row.start, row.digest) in ignored:
+        if (row.type, row.digest) in ignored:
             row.ignored = True
 
 
@@ -90,16 +98,22 @@ def document_scan(*, document: Document, detector: pii.Detector | None = None) -
     rows: list[PiiFinding] = []
     parsed = document_parsed(document=document) if document.status == Document.Status.PARSED else None
     if parsed is not None:
-        rows += _finding_rows(project, detector.detect(document.title), document=document, field="title")
+        rows += _finding_rows(project, detector.detect(parsed.title), document=document, field="title")
+        # A document without a title is called by its file name ("jane_doe_payslip.pdf").
+        rows += _finding_rows(
+            project, detector.detect(document.original_name), document=document, field="name"
+        )
         for index, section in enumerate(parsed.sections):
             for field in ("heading", "text"):
                 text = getattr(section, field) or ""
                 rows += _finding_rows(
                     project, detector.detect(text), document=document, section=index, field=field
                 )
+    _keep_ignored(project, rows)
     with transaction.atomic():
+        # Two scans of the same document at once (a build, the report task) must not both insert.
+        Document.objects.select_for_update().filter(pk=document.pk).first()
         old = PiiFinding.objects.filter(document=document)
-        _keep_ignored(project, rows, old)
         old.delete()
         PiiFinding.objects.bulk_create(rows, batch_size=500)
         Document.objects.filter(pk=document.pk).update(pii_scanned_at=timezone.now())
@@ -112,9 +126,10 @@ def pair_scan(*, pair: InstructionPair, detector: pii.Detector | None = None) ->
     rows: list[PiiFinding] = []
     for field in PAIR_FIELDS:
         rows += _finding_rows(project, detector.detect(getattr(pair, field)), pair=pair, field=field)
+    _keep_ignored(project, rows)
     with transaction.atomic():
+        InstructionPair.objects.select_for_update().filter(pk=pair.pk).first()
         old = PiiFinding.objects.filter(pair=pair)
-        _keep_ignored(project, rows, old)
         old.delete()
         PiiFinding.objects.bulk_create(rows, batch_size=500)
         # Only if unchanged since it was read: an edit meanwhile leaves it for the next scan.
@@ -205,9 +220,18 @@ def findings_summary(*, project: Project) -> dict:
 
 
 def unredacted_findings(*, project: Project) -> QuerySet[PiiFinding]:
+    """Findings kept as is in text models read: not in generated pairs waiting for review or
+    rejected (no build reads those)."""
     policy = pii.policy_with_defaults(project.redaction)
     kept = [t for t, p in policy.items() if p == pii.KEEP]
-    return _active(project).filter(type__in=kept)
+    return (
+        _active(project)
+        .filter(type__in=kept)
+        .exclude(
+            pair__isnull=False,
+            pair__review__in=[InstructionPair.Review.PENDING, InstructionPair.Review.REJECTED],
+        )
+    )
 
 
 class RedactionRequired(ValidationError):
@@ -237,25 +261,34 @@ def redaction_check(*, project: Project, scan: bool = True) -> None:
 def redaction_update(
     *, project: Project, policy: dict[str, str], require_redaction: bool, known_names_text: str
 ) -> bool:
-    """Save the policy; a changed name list rescans the project (it changes what is found).
-    Returns whether it rescanned."""
+    """Save the policy. A changed name list changes what is found: every document and pair waits
+    for a new scan, which the data report's task runs (and any build, before it reads text).
+    Returns whether the name list changed."""
+    from .services import data_changed
+
     clean = {t: p for t, p in policy.items() if t in pii.TYPES and p in pii.POLICIES}
     names_changed = " ".join(known_names_text.split()) != " ".join(project.known_names.split())
-    project.redaction = clean
-    project.require_redaction = require_redaction
-    project.known_names = known_names_text.strip()
-    project.data_changed_at = timezone.now() if names_changed else project.data_changed_at
-    project.save(update_fields=["redaction", "require_redaction", "known_names", "data_changed_at"])
-    if names_changed:
-        project_scan(project=project, rescan=True)
+    with transaction.atomic():
+        project.redaction = clean
+        project.require_redaction = require_redaction
+        project.known_names = known_names_text.strip()
+        project.save(update_fields=["redaction", "require_redaction", "known_names"])
+        if names_changed:
+            project.documents.update(pii_scanned_at=None)
+            project.pairs.update(pii_scanned_at=None)
+        # The report counts what is kept as is: out of date either way.
+        data_changed(project=project)
     return names_changed
 
 
 def finding_set_ignored(*, finding: PiiFinding, ignored: bool) -> None:
     """Mark a finding, and every finding of the same value, as a false alarm (or not)."""
+    from .services import data_changed
+
     PiiFinding.objects.filter(project_id=finding.project_id, type=finding.type, digest=finding.digest).update(
         ignored=ignored
     )
+    data_changed(project=finding.project)
 
 
 def redaction_fingerprint(*, project: Project) -> str:
@@ -291,21 +324,30 @@ def _pseudonym_number(project: Project, type_: str, digest: str) -> int:
 
 
 class Redactor:
-    """Applies a project's policy. One per build or job: it caches pseudonym numbers."""
+    """Applies a project's policy. One per build or job: it reads the project's pseudonym numbers
+    once. With allocate=False (a page showing what a value would become) it never writes: a value
+    without a number yet shows as [TYPE_n]."""
 
-    def __init__(self, project: Project) -> None:
+    def __init__(self, project: Project, *, allocate: bool = True) -> None:
         self.project = project
+        self.allocate = allocate
         self.policy = pii.policy_with_defaults(project.redaction)
         self._numbers: dict[tuple[str, str], int] = {}
+        if any(p == pii.PSEUDONYM for p in self.policy.values()):
+            self._numbers = {
+                (t, d): n for t, d, n in project.pseudonyms.values_list("type", "digest", "number")
+            }
         self.replaced: Counter[str] = Counter()
 
     @property
     def active(self) -> bool:
         return any(p != pii.KEEP for p in self.policy.values())
 
-    def _number(self, type_: str, digest: str) -> int:
+    def _number(self, type_: str, digest: str) -> int | str:
         key = (type_, digest)
         if key not in self._numbers:
+            if not self.allocate:
+                return "n"
             self._numbers[key] = _pseudonym_number(self.project, type_, digest)
         return self._numbers[key]
 
@@ -341,17 +383,10 @@ class Redactor:
         # A heading is also a step of its subsections' heading paths.
         sections = [replace(s, path=[headings.get(step, step) for step in s.path]) for s in sections]
         title = self.apply(parsed.title, by_place.get((None, "title"), ()))
+        if not title.strip():
+            # Readers call an untitled document by its file name, which may name someone.
+            title = self.apply(document.original_name, by_place.get((None, "name"), ()))
         return replace(parsed, title=title, sections=sections)
-
-    def title(self, document: Document) -> str:
-        title = document.title or document.original_name
-        if not self.active:
-            return title
-        return (
-            self.apply(title, document.pii_findings.filter(field="title", ignored=False))
-            if document.title
-            else title
-        )
 
     def pair_fields(
         self, pair: InstructionPair, findings: Iterable[PiiFinding] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Count, Q
@@ -15,9 +16,9 @@ from django.views.decorators.http import require_GET, require_POST
 from ops import queues
 from slmstudio.http import AuthenticatedRequest
 
-from . import pii, privacy
+from . import pii, privacy, services
 from .http import project_context, project_or_404
-from .models import Document, PiiFinding, Project
+from .models import Document, Membership, PiiFinding, Project
 from .services import document_parsed
 
 CONTEXT_CHARS = 60
@@ -42,6 +43,9 @@ def privacy_status(request: AuthenticatedRequest, slug: str) -> HttpResponse:
 @require_POST
 def privacy_policy(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     project = project_or_404(request, slug)
+    # The policy decides what leaves the team's data for models and teachers: owners set it.
+    if services.membership_role(project=project, user=request.user) != Membership.Role.OWNER:
+        raise PermissionDenied("Only the project's owners change its privacy policy.")
     policy = {t: request.POST.get(f"policy_{t}", "") for t in pii.TYPES}
     rescanned = privacy.redaction_update(
         project=project,
@@ -52,7 +56,11 @@ def privacy_policy(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     messages.success(
         request,
         "Saved. The next build uses this policy"
-        + (" (the project was scanned again for the names on your list)." if rescanned else "."),
+        + (
+            ". Your documents and pairs are being scanned again for the names on your list."
+            if rescanned
+            else "."
+        ),
     )
     return redirect("projects-privacy", slug=project.slug)
 
@@ -76,7 +84,7 @@ def finding_ignore(request: AuthenticatedRequest, slug: str, pk: int) -> HttpRes
     privacy.finding_set_ignored(finding=finding, ignored=request.POST.get("ignored") == "1")
     finding.refresh_from_db()
     if request.htmx:
-        row = _rows(project, [finding], privacy.Redactor(project))[0]
+        row = _rows(project, [finding], privacy.Redactor(project, allocate=False))[0]
         return render(request, "projects/privacy.html#finding-row", {"project": project, "row": row})
     return redirect("projects-privacy", slug=project.slug)
 
@@ -142,9 +150,15 @@ def _context(request: AuthenticatedRequest, project: Project, *, findings: bool 
         "policies": pii.POLICIES,
         "names_note": detector_names,
         "page": page,
-        "rows": _rows(project, list(page.object_list), privacy.Redactor(project)),
+        "rows": _rows(project, list(page.object_list), privacy.Redactor(project, allocate=False)),
         "selected_type": selected_type,
         "filtered": bool(selected_type or document_id or pair_id),
+        "filter_query": "&".join(
+            f"{k}={v}"
+            for k, v in (("type", selected_type), ("document", document_id), ("pair", pair_id))
+            if v
+        ),
+        "is_owner": context["role"] == Membership.Role.OWNER,
         "by_document": by_document,
         "by_pair": by_pair,
         "unredacted": summary["unredacted"],
@@ -208,7 +222,9 @@ def _source_text(finding: PiiFinding, cache: dict[int, object]) -> str | None:
     if parsed is None:
         return None
     if finding.field == "title":
-        return document.title
+        return parsed.title  # type: ignore[attr-defined]
+    if finding.field == "name":
+        return document.original_name
     sections = parsed.sections  # type: ignore[attr-defined]
     if finding.section is None or finding.section >= len(sections):
         return None
@@ -218,8 +234,8 @@ def _source_text(finding: PiiFinding, cache: dict[int, object]) -> str | None:
 def _where(finding: PiiFinding, cache: dict[int, object]) -> str:
     if finding.pair_id:
         return f"pair {finding.pair_id}, {finding.field}"
-    if finding.field == "title":
-        return "title"
+    if finding.field in ("title", "name"):
+        return {"title": "title", "name": "file name"}[finding.field]
     parsed = cache.get(finding.document_id)
     section = parsed.sections[finding.section] if parsed is not None else None  # type: ignore[attr-defined]
     if section is not None and section.page:

@@ -210,8 +210,17 @@ def near_duplicate_groups(texts: Sequence[str], threshold: float = NEAR_DUPLICAT
             i = parent[i]
         return i
 
-    links = [(m.a, m.b) for m in near_duplicate_matches(texts, threshold)]
-    links += [(g[0], other) for g in duplicate_groups(texts) for other in g[1:]]
+    # MinHash on one copy of each distinct text: boilerplate repeated on every PDF page would
+    # otherwise make each query return every copy (quadratic in the copies). Exact copies join
+    # their first one directly.
+    exact = duplicate_groups(texts)
+    copies = {other for g in exact for other in g[1:]}
+    distinct = [i for i in range(len(texts)) if i not in copies]
+    links = [
+        (distinct[m.a], distinct[m.b])
+        for m in near_duplicate_matches([texts[i] for i in distinct], threshold)
+    ]
+    links += [(g[0], other) for g in exact for other in g[1:]]
     for a, b in links:
         parent[find(a)] = find(b)
     groups: dict[int, list[int]] = {}

@@ -532,7 +532,10 @@ def pair_create(
     input: str,
     response: str,
     source: str = InstructionPair.Source.MANUAL,
+    notify: bool = True,
 ) -> InstructionPair:
+    """Add one pair. notify=False leaves the data report alone: a job adding many (pair
+    generation) asks for one report when it ends."""
     instruction, input, response = _validated_fields(instruction, input, response)
     key = pairformats.pair_key(instruction, input, response)
     if project.pairs.filter(key=key).exists():
@@ -546,7 +549,8 @@ def pair_create(
         split=pairformats.split_for(key, project.eval_fraction),
         source=source,
     )
-    data_changed(project=project)
+    if notify:
+        data_changed(project=project)
     return pair
 
 

@@ -141,7 +141,7 @@ def _support(
     # the report and the next RAG build embed each passage once.
     cache = EmbeddingCache(project.data_dir / "embeddings", embedder)
     passages = cache.embed([c.embedding_text() for c in chunks])
-    answers = embedder.embed([p.response for p in pairs])
+    answers = cache.embed([p.response for p in pairs])  # unchanged pairs are not embedded again
     best_scores: list[float | None] = []
     topics: list[str | None] = []
     for start in range(0, len(pairs), 256):  # bounded memory: 256 x passages floats at a time

@@ -838,11 +838,13 @@ def version_changes(*, version: ModelVersion) -> VersionChanges:
     )
     gone = {sha: name for sha, name in then.items() if sha not in now}
     new = {sha: name for sha, name in now.items() if sha not in then}
-    then_names, now_names = set(then.values()), set(now.values())
+    then_names, new_names = set(then.values()), set(new.values())
     return VersionChanges(
         known=True,
         added=sorted({name for name in new.values() if name not in then_names}),
-        removed=sorted({name for name in gone.values() if name not in now_names}),
+        # By content: deleting one of two indexed files that share a name is still a removal;
+        # a file whose name now holds new content is "changed", not removed.
+        removed=sorted({name for name in gone.values() if name not in new_names}),
         changed=sorted({name for name in new.values() if name in then_names}),
         policy_changed=sources.get("redaction") != redaction_fingerprint(project=version.project),
     )

@@ -25,8 +25,8 @@ from django.utils import timezone
 
 from ops import queues
 from projects.models import Document, InstructionPair, Project
-from projects.privacy import Redactor, document_for_models
-from projects.services import pair_create
+from projects.privacy import RedactionRequired, Redactor, document_for_models, redaction_check
+from projects.services import data_changed, pair_create
 from slmstudio.lib import crypto
 from slmstudio.lib.workers import worker_id
 
@@ -232,6 +232,9 @@ def generation_start(
         raise ValidationError("Ask for 1 to 100 questions per document.")
     if not project.documents.filter(status=Document.Status.PARSED).exists():
         raise ValidationError("There are no readable documents to write questions about yet.")
+    # Passages go to the teacher: a project that requires redaction is checked now, and again
+    # by the run after scanning what is new.
+    redaction_check(project=project, scan=False)
     run = GenerationRun.objects.create(
         project=project, teacher=teacher, per_document=per_document, created_by=user
     )
@@ -277,6 +280,7 @@ def generation_run(*, run_id: int) -> None:
     run = GenerationRun.objects.select_related("teacher", "project").get(pk=run_id)
     teacher, project = run.teacher, run.project
     try:
+        redaction_check(project=project)
         passages = generation_passages(project=project, per_document=run.per_document)
         skip = _already_done(teacher)
         todo = [p for p in passages if p.id not in skip]
@@ -313,10 +317,14 @@ def generation_run(*, run_id: int) -> None:
         GenerationRun.objects.filter(pk=run.pk).update(
             status=status, ended_at=timezone.now(), error=error[:2000]
         )
+        if run.added:  # one report for the run, not one per pair
+            data_changed(project=project)
     except Exception as exc:  # the run must end with a state the page can show, whatever happened
         log.exception("generation run %s failed", run_id)
         message = (
-            str(exc)
+            exc.messages[0]
+            if isinstance(exc, RedactionRequired)
+            else str(exc)
             if isinstance(exc, ml.TeacherError | crypto.SecretUnreadable)
             else (f"The generation stopped with an unexpected error: {exc.__class__.__name__}: {exc}")
         )
@@ -346,7 +354,7 @@ def _record(run: GenerationRun, teacher: Teacher, passage: Passage, outcome: obj
         with transaction.atomic():
             pair = pair_create(
                 project=run.project, instruction=question, input="", response=answer,
-                source=InstructionPair.Source.GENERATED,
+                source=InstructionPair.Source.GENERATED, notify=False,
             )  # fmt: skip
             InstructionPair.objects.filter(pk=pair.pk).update(
                 review=InstructionPair.Review.PENDING, document_id=passage.document_id, passage=passage.text,

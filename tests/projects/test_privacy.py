@@ -17,6 +17,7 @@ from projects.models import Document, InstructionPair, PiiFinding
 from projects.privacy import (
     RedactionRequired,
     document_for_models,
+    finding_set_ignored,
     findings_summary,
     pairs_for_models,
     project_scan,
@@ -245,11 +246,15 @@ def test_the_privacy_page_shows_findings_in_context_and_saves_the_policy(
     assert "<mark>dana.whitfield@example.com</mark>" in page and "Payment card numbers" in page
     assert "[CREDIT_CARD]" in page  # what the masked card becomes
     assert outsider_client.get(url).status_code == 404
-    member_client.post(
-        reverse("projects-privacy-policy", args=[manuals.slug]),
-        {f"policy_{t}": "mask" for t in pii.TYPES}
-        | {"require_redaction": "on", "known_names": "Dana Whitfield"},
-    )
+    everything_masked = {f"policy_{t}": "mask" for t in pii.TYPES} | {
+        "require_redaction": "on",
+        "known_names": "Dana Whitfield",
+    }
+    # Only owners set the policy; members see it (disabled).
+    policy_url = reverse("projects-privacy-policy", args=[manuals.slug])
+    assert member_client.post(policy_url, everything_masked).status_code == 403
+    assert "Only the project's owners change the policy" in member_client.get(url).content.decode()
+    owner_client.post(policy_url, everything_masked)
     manuals.refresh_from_db()
     assert manuals.require_redaction and pii.policy_with_defaults(manuals.redaction)["EMAIL"] == "mask"
     # The document's page links to its findings.
@@ -261,3 +266,71 @@ def test_the_privacy_page_shows_findings_in_context_and_saves_the_policy(
         "<mark>dana.whitfield@example.com</mark>" in filtered
         and "<mark>4111 1111 1111 1111</mark>" not in filtered
     )
+
+
+def test_a_false_alarm_stays_one_wherever_the_value_turns_up(manuals, owner):  # type: ignore[no-untyped-def]
+    from training.services import build_start
+
+    redaction_update(
+        project=manuals,
+        policy={"EMAIL": "mask", "PERSON": "mask"},
+        require_redaction=True,
+        known_names_text=manuals.known_names,
+    )
+    project_scan(project=manuals)
+    for finding in PiiFinding.objects.filter(project=manuals, type="PHONE"):
+        finding_set_ignored(finding=finding, ignored=True)
+    redaction_check(project=manuals)
+    # The same number in a new document and in an edited pair: still not personal data.
+    _add(manuals, "p300.md", "# Pump P-300\n\nCall +44 20 7946 0958 for the P-300.\n")
+    pair = pair_create(project=manuals, instruction="Hotline?", input="", response="See the manual.")
+    pair_update(pair=pair, instruction="Hotline?", input="", response="Call 020 7946 0958.")
+    redaction_check(project=manuals)
+    assert PiiFinding.objects.filter(project=manuals, type="PHONE").count() == 4
+    # A generated pair waiting for review is read by no build: its findings do not block one.
+    waiting = pair_create(
+        project=manuals, instruction="Billing?", input="", response="Ask billing@example.net."
+    )
+    InstructionPair.objects.filter(pk=waiting.pk).update(review=InstructionPair.Review.PENDING)
+    redaction_update(
+        project=manuals,
+        policy={"PERSON": "mask"},
+        require_redaction=True,
+        known_names_text=manuals.known_names,
+    )
+    project_scan(project=manuals)
+    with pytest.raises(RedactionRequired) as refused:
+        build_start(project=manuals, user=owner, recipe="rag")
+    assert refused.value.count == 2  # the two e-mails in the documents, not the waiting pair's
+
+
+def test_a_title_taken_from_the_text_is_redacted_with_it(project):  # type: ignore[no-untyped-def]
+    redaction_update(
+        project=project, policy={"PERSON": "pseudonym"}, require_redaction=False, known_names_text="Jane Doe"
+    )
+    document = _add(project, "payslip.txt", "Jane Doe: payslip for March\n\nNet pay 2,310.00.\n")
+    assert document.title.startswith("Jane Doe")
+    parsed = document_for_models(document=document)
+    assert parsed.title == "[PERSON_1]: payslip for March"
+    assert parsed.sections[0].text.startswith("[PERSON_1]: payslip")
+
+
+def test_a_changed_name_list_waits_for_a_new_scan(manuals):  # type: ignore[no-untyped-def]
+    project_scan(project=manuals)
+    assert not manuals.documents.filter(pii_scanned_at__isnull=True).exists()
+    changed = redaction_update(
+        project=manuals, policy={}, require_redaction=False, known_names_text="Marek Nowak"
+    )
+    assert changed and manuals.documents.filter(pii_scanned_at__isnull=True).count() == 2
+    project_scan(project=manuals)
+    assert findings_summary(project=manuals)["findings"].get("PERSON") is None  # Dana is no longer listed
+
+
+def test_pair_generation_is_refused_while_findings_are_kept(manuals):  # type: ignore[no-untyped-def]
+    from training.teachers import generation_start, teacher_add
+
+    project_scan(project=manuals)
+    redaction_update(project=manuals, policy={}, require_redaction=True, known_names_text=manuals.known_names)
+    teacher = teacher_add(project=manuals, name="T", user=None, endpoint="http://127.0.0.1:9/v1", model="m")
+    with pytest.raises(RedactionRequired):
+        generation_start(project=manuals, teacher=teacher, per_document=2, user=None)
