@@ -109,14 +109,7 @@ def document_scan(*, document: Document, detector: pii.Detector | None = None) -
                 rows += _finding_rows(
                     project, detector.detect(text), document=document, section=index, field=field
                 )
-    _keep_ignored(project, rows)
-    with transaction.atomic():
-        # Two scans of the same document at once (a build, the report task) must not both insert.
-        Document.objects.select_for_update().filter(pk=document.pk).first()
-        old = PiiFinding.objects.filter(document=document)
-        old.delete()
-        PiiFinding.objects.bulk_create(rows, batch_size=500)
-        Document.objects.filter(pk=document.pk).update(pii_scanned_at=timezone.now())
+    _replace_findings(project, rows, document, Document.objects.filter(pk=document.pk))
     return len(rows)
 
 
@@ -126,17 +119,28 @@ def pair_scan(*, pair: InstructionPair, detector: pii.Detector | None = None) ->
     rows: list[PiiFinding] = []
     for field in PAIR_FIELDS:
         rows += _finding_rows(project, detector.detect(getattr(pair, field)), pair=pair, field=field)
+    # Marked scanned only if unchanged since it was read: an edit meanwhile leaves it for the next scan.
+    _replace_findings(
+        project, rows, pair, InstructionPair.objects.filter(pk=pair.pk, updated_at=pair.updated_at)
+    )
+    return len(rows)
+
+
+def _replace_findings(
+    project: Project,
+    rows: list[PiiFinding],
+    owner: Document | InstructionPair,
+    mark_scanned: QuerySet[Document] | QuerySet[InstructionPair],
+) -> None:
+    """The owner's findings become `rows`, and it is marked scanned."""
     _keep_ignored(project, rows)
     with transaction.atomic():
-        InstructionPair.objects.select_for_update().filter(pk=pair.pk).first()
-        old = PiiFinding.objects.filter(pair=pair)
-        old.delete()
+        # Two scans of the same row at once (a build, the report task) must not both insert.
+        type(owner).objects.select_for_update().filter(pk=owner.pk).first()
+        field = "document" if isinstance(owner, Document) else "pair"
+        PiiFinding.objects.filter(**{field: owner}).delete()
         PiiFinding.objects.bulk_create(rows, batch_size=500)
-        # Only if unchanged since it was read: an edit meanwhile leaves it for the next scan.
-        InstructionPair.objects.filter(pk=pair.pk, updated_at=pair.updated_at).update(
-            pii_scanned_at=timezone.now()
-        )
-    return len(rows)
+        mark_scanned.update(pii_scanned_at=timezone.now())
 
 
 @dataclass(frozen=True)
