@@ -257,7 +257,7 @@ def _secret_spans(text: str) -> list[Span]:
 # A word before a dotted number that makes it a version, or a section or item number, not an
 # address (and, for versions, not a phone number either).
 _VERSION_WORDS = re.compile(
-    r"\b(?:version|versions|ver|v|release|releases|rel|revision|rev|build|kernel|linux|firmware|patch)"
+    r"\b(?:version|versions|ver|v|release|releases|rel|revision|rev|build|kernel|linux|firmware|patch|isbn|issn)"
     r"\.?\s*$",
     re.IGNORECASE,
 )
@@ -313,14 +313,47 @@ def _trimmed(type_: str, text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+# Numbers in technical text that phonenumbers accepts: decimals ("0.65655958650282"), ranges
+# ("0.29..656.28"), fractions and paths ("16384/16806"), times and MAC-like runs.
+_NOT_A_PHONE = re.compile(r"\.\.|/|:|^-|^\d+\.\d+$")
+_MAC_SHAPE = re.compile(r"[0-9A-Fa-f]{2}(?:[:-][0-9A-Fa-f]{2}){5}(?:[:-][0-9A-Fa-f]{2}){0,2}")
+_CARD_GROUPS = [[4, 4, 4, 4], [4, 6, 5], [4, 6, 4], [4, 4, 4, 4, 3], [4, 4, 4, 3]]
+
+
+def _glued_to_a_number(text: str, start: int, end: int) -> bool:
+    """A match that is only part of a longer token: "CVE-2026-116303", "1.1752011936438014",
+    "192.168/24", "base/16384" — its neighbour is a letter, a digit, or a joiner followed by one."""
+    before, after = text[max(0, start - 2) : start], text[end : end + 2]
+    if before[-1:].isalnum() or after[:1].isalnum():
+        return True
+    # "tel:+44…" and "Card: 4111…" are fine: a colon after a word only labels what follows; after
+    # a digit it is a time ("04:05:06.789-8").
+    if before[-1:] in ".-/_" and before[:1].isalnum() and len(before) == 2 and text[start] != "+":
+        return True
+    if before == before[:1] + ":" and before[:1].isdigit():
+        return True
+    return after[:1] in ".-/:_" and after[1:2].isalnum()
+
+
 def _plausible(type_: str, text: str, start: int, end: int) -> bool:
     """Whether a pattern match of `type_` at text[start:end] survives the look-alike rules."""
     value = text[start:end]
     if type_ in ("PHONE", "CREDIT_CARD") and _IBAN_SHAPE_BEFORE.search(text[max(0, start - 40) : start]):
         return False
+    if type_ in ("PHONE", "CREDIT_CARD") and _glued_to_a_number(text, start, end):
+        return False
     if type_ == "CREDIT_CARD":
-        return text[start - 1 : start] != "+"  # "+5511961236891" is a phone number
+        if text[start - 1 : start] == "+":  # "+5511961236891" is a phone number
+            return False
+        # Printed cards group their digits 4-4-4-4 (4-6-5 for Amex, 4-6-4 for Diners), or not at
+        # all; "1499414498 86248" is two numbers in a table that happen to pass Luhn.
+        groups = [len(g) for g in re.split(r"[ -]+", value.strip()) if g]
+        return len(groups) == 1 or groups in _CARD_GROUPS
+    if type_ == "PHONE" and _NOT_A_PHONE.search(value):
+        return False
     if type_ == "IP_ADDRESS":
+        if _MAC_SHAPE.fullmatch(value):
+            return False  # a MAC or EUI-64 address ("02:34:56:ff:fe:ab:cd:ef"): hardware, not a host
         if ":" in value and "." not in value:
             # IPv6 with no decimal digit is C++ or Rust ("a::b", "cafe::face") far more often.
             return any(c.isdigit() for c in value)
@@ -338,8 +371,9 @@ def _plausible(type_: str, text: str, start: int, end: int) -> bool:
             return bool(_PHONE_WORDS.search(text[max(0, start - 40) : start]))
         return not _VERSION_WORDS.search(text[max(0, start - 40) : start])
     if type_ == "EMAIL":
-        # "git@salsa.debian.org:team/repo.git" is an SSH remote, not an address to write to.
-        return not re.match(r":[\w~/.-]", text[end : end + 2])
+        # "git@salsa.debian.org:team/repo.git" is an SSH remote, not an address to write to; a
+        # match with a "/" is a URL path ending in a message id.
+        return "/" not in value and not re.match(r":[\w~/.-]", text[end : end + 2])
     if type_ == "US_SSN":
         digits = re.sub(r"\D", "", value)
         return not (digits.startswith("9") or digits in _SSN_PUBLISHED)

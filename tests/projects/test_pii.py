@@ -395,3 +395,37 @@ def test_phone_cases_that_look_like_other_things(detector: pii.Detector) -> None
     ]
     assert found(detector, "Tel. No. 020 7946 0958", "PHONE") == ["020 7946 0958"]
     assert found(detector, "Appelez le 01.23.45.67.89 demain.", "PHONE") == ["01.23.45.67.89"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hyperbolic sine sinh(1) → 1.1752011936438014 for double precision.",  # Luhn by chance
+        "0 1499414498 86248 9 rows in the table",  # two numbers of a table
+        "Sort (cost=717.34..717.59 rows=101 width=488)",
+        "The distance is 0.65655958650282 parsecs.",
+        "base/16384/16806 is the file of the table.",
+        "Fixed a crash (CVE-2026-116303) in the parser.",
+        "04:05:06.789-8 is ISO 8601 with a time zone.",
+        "Passing INT_MIN (-2147483648) failed.",
+        "See ISBN 0-321-19784-4 for the theory.",
+    ],
+)
+def test_numbers_of_technical_text_are_not_phones_or_cards(text):  # type: ignore[no-untyped-def]
+    found = [(s.type, s.text) for s in pii.Detector().detect(text)]
+    assert not [f for f in found if f[0] in ("PHONE", "CREDIT_CARD")], found
+
+
+def test_a_mac_address_and_a_message_id_url_are_not_personal_data():  # type: ignore[no-untyped-def]
+    text = (
+        "macaddr8 '00:34:56:ab:cd:ef' gives 02:34:56:ff:fe:ab:cd:ef; the thread is at "
+        "https://www.postgresql.org/message-id/CAJVSVGV8gX@mail.gmail.com today."
+    )
+    assert pii.Detector().detect(text) == []
+
+
+def test_phones_and_cards_with_labels_are_still_found():  # type: ignore[no-untyped-def]
+    found = {
+        (s.type, s.text) for s in pii.Detector().detect("tel:+44 20 7946 0958, Card: 4111 1111 1111 1111.")
+    }
+    assert ("PHONE", "+44 20 7946 0958") in found and ("CREDIT_CARD", "4111 1111 1111 1111") in found
