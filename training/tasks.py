@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 from django.conf import settings
 
@@ -56,4 +58,10 @@ def generate_pairs_task(run_id: int) -> None:
 def data_report_task(project_id: int, force: bool = False) -> None:
     from .reports import report_refresh
 
-    report_refresh(project_id=project_id, force=force)
+    try:
+        report_refresh(project_id=project_id, force=force)
+    except MemoryError:
+        # Never let a MemoryError out of a task: billiard re-raises it in the worker's main
+        # process, whose result handler then dies and every later task (builds) hangs. The report
+        # stays out of date; the next data change or Recompute tries again.
+        logging.getLogger(__name__).error("data report of project %s: out of memory", project_id)
