@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -185,13 +185,6 @@ def project_scan(
     return ScanResult(len(document_ids), len(pair_ids), found)
 
 
-def scan_pending(*, project: Project) -> bool:
-    return (
-        project.documents.filter(status=Document.Status.PARSED, pii_scanned_at__isnull=True).exists()
-        or project.pairs.filter(pii_scanned_at__isnull=True).exists()
-    )
-
-
 # --- Findings and policy ---------------------------------------------------------------------
 
 
@@ -341,7 +334,6 @@ class Redactor:
             self._numbers = {
                 (t, d): n for t, d, n in project.pseudonyms.values_list("type", "digest", "number")
             }
-        self.replaced: Counter[str] = Counter()
 
     @property
     def active(self) -> bool:
@@ -364,7 +356,6 @@ class Redactor:
             new = pii.replacement_for(finding.type, policy, lambda f=finding: self._number(f.type, f.digest))
             if new is not None:
                 replacements.append((finding.start, finding.end, new))
-                self.replaced[finding.type] += 1
         return pii.redact(text, replacements) if replacements else text
 
     def document(self, document: Document, parsed: ParsedDocument) -> ParsedDocument:
@@ -454,14 +445,3 @@ def pairs_for_models(
         instruction, input_, response = redactor.pair_fields(pair, findings.get(pair.pk, []))
         out.append(PairText(pair.pk, instruction, input_, response, pair.split))
     return out
-
-
-def redact_text(*, project: Project, text: str, redactor: Redactor | None = None) -> str:
-    """Free text that is not stored (a chat question sent on to a teacher, say): detected and
-    redacted now, with the project's policy and pseudonyms."""
-    redactor = redactor or Redactor(project)
-    if not redactor.active:
-        return text
-    spans = detector_for(project).detect(text)
-    rows = _finding_rows(project, spans, field="text")
-    return redactor.apply(text, rows)
