@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import time
-
 from django.core.exceptions import ValidationError
 
 from projects.models import Project
 from slmstudio.lib.cli import JsonCommand
+from training.management.commands._builds import build_payload, wait_for_end
 from training.models import BaseModel, Build, ModelVersion
 from training.recipes import DEFAULT_RECIPE
 from training.services import build_start, step_settings
@@ -70,21 +69,9 @@ class Command(JsonCommand):
             build = build_start(project=target, user=None, recipe=recipe, base=base_model, params=params)
         except ValidationError as exc:
             self.fail(" ".join(exc.messages))
-        deadline = time.monotonic() + timeout
-        while wait and not build.is_terminal and time.monotonic() < deadline:
-            time.sleep(0.5)
-            build.refresh_from_db()
-        build.refresh_from_db()
+        wait_for_end(build, wait=wait, timeout=timeout)
         versions = list(ModelVersion.objects.filter(build=build).order_by("number"))
-        payload = {
-            "build": build.pk,
-            "status": build.status,
-            "model_version": versions[0].pk if versions else None,
-            # Step metrics; quantize steps are told apart by type, evaluate holds each model's numbers.
-            "metrics": {
-                f"{s.name}:{s.params['type']}" if s.name == "quantize" else s.name: s.metrics
-                for s in build.steps.all()
-            },
+        payload = build_payload(build, versions) | {
             "model_versions": [
                 {"model_version": v.pk, "name": v.name, "type": v.quant_type, "metrics": v.metrics}
                 for v in versions

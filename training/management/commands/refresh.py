@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import time
-
 from django.core.exceptions import ValidationError
 
 from slmstudio.lib.cli import JsonCommand
+from training.management.commands._builds import build_payload, wait_for_end
 from training.models import Build, ModelVersion
 from training.services import version_changes, version_refresh
 
@@ -37,21 +36,8 @@ class Command(JsonCommand):
             build = version_refresh(version=target, user=None)
         except ValidationError as exc:
             self.fail(" ".join(exc.messages))
-        deadline = time.monotonic() + timeout
-        while wait and not build.is_terminal and time.monotonic() < deadline:
-            time.sleep(0.5)
-            build.refresh_from_db()
-        build.refresh_from_db()
-        new = ModelVersion.objects.filter(build=build).order_by("number").first()
-        payload |= {
-            "build": build.pk,
-            "status": build.status,
-            "model_version": new.pk if new else None,
-            "metrics": {
-                f"{s.name}:{s.params['type']}" if s.name == "quantize" else s.name: s.metrics
-                for s in build.steps.all()
-            },
-        }
+        wait_for_end(build, wait=wait, timeout=timeout)
+        payload |= build_payload(build, list(ModelVersion.objects.filter(build=build).order_by("number")))
         if build.error:
             payload["error"] = build.error
         self.emit(payload)

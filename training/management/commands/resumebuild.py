@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import time
-
 from slmstudio.lib.cli import JsonCommand
+from training.management.commands._builds import wait_for_end
 from training.models import Build
 from training.services import build_resume
 
@@ -28,10 +27,7 @@ class Command(JsonCommand):
                 f"Build {build} is {target.get_status_display().lower()}; only a timed-out build can be resumed."
             )
         target = build_resume(build=target)
-        deadline = time.monotonic() + timeout
-        while wait and not target.is_terminal and time.monotonic() < deadline:
-            time.sleep(0.5)
-            target.refresh_from_db()
+        wait_for_end(target, wait=wait, timeout=timeout)
         payload = {"build": target.pk, "status": target.status}
         if target.error:
             payload["error"] = target.error
